@@ -1,0 +1,1 @@
+"""What an engine is: performance model, simulated engine, health and stats polling."""

@@ -1,0 +1,1 @@
+"""The simulated engine: a vLLM-like OpenAI server that behaves like vLLM in time."""

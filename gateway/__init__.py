@@ -1,0 +1,1 @@
+"""Fairway gateway: the request path from authentication to accounting."""

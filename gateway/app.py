@@ -1,0 +1,254 @@
+"""The gateway's aiohttp application: endpoints, error middleware and resource lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+
+import aiohttp
+import structlog
+from aiohttp import web
+from prometheus_client import generate_latest
+
+from engines.health import health_loop
+from engines.protocol import error_response, json_response
+from engines.registry import EngineRegistry, EngineState
+from engines.sim.engine import SimEngineConfig
+from engines.sim.server import build_app as build_sim_app
+from gateway.auth import KeyRing
+from gateway.config import Config, EngineConfig
+from gateway.errors import ApiError
+from gateway.metrics import GatewayMetrics
+from gateway.proxy import Outcome, Proxy
+from gateway.request import INTERACTION_HEADER, Endpoint, measure, parse_body
+from gateway.routing import LeastOutstanding
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+@dataclass(slots=True)
+class Gateway:
+    """Everything one gateway process holds, built once at start-up."""
+
+    cfg: Config
+    keys: KeyRing
+    metrics: GatewayMetrics
+    registry: EngineRegistry
+    proxy: Proxy
+    sim_runners: list[web.AppRunner] = field(default_factory=list)
+
+
+GATEWAY = web.AppKey("gateway", Gateway)
+log = structlog.get_logger("fairway")
+
+
+@web.middleware
+async def openai_errors(
+    request: web.Request, handler: aiohttp.typedefs.Handler
+) -> web.StreamResponse:
+    """Every error leaves as `{"error": {...}}`, whatever layer raised it."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return exc.response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        message = exc.text if exc.text and not exc.text.startswith(str(exc.status)) else exc.reason
+        if exc.status == 404:
+            message = f"Unknown endpoint {request.method} {request.path}"
+        elif exc.status == 405:
+            message = f"Method {request.method} is not allowed on {request.path}"
+        return error_response(exc.status, message, headers=headers)
+
+
+async def _proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+    gw = request.app[GATEWAY]
+    arrival = time.perf_counter()
+    given = request.headers.get("X-Request-Id", "")
+    rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+    out = Outcome()
+    tenant = app = model = "-"
+    try:
+        principal = gw.keys.authenticate(request.headers.get("Authorization"))
+        tenant, app = principal.tenant, principal.app
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise ApiError(
+                413,
+                f"Request body is larger than the limit of {gw.cfg.server.max_body_bytes} bytes.",
+                code="request_too_large",
+            ) from None
+        body = parse_body(raw, endpoint)
+        model = body["model"]
+        if model not in gw.registry.by_model:
+            raise ApiError(
+                404,
+                f"The model '{model}' does not exist or is not served here.",
+                param="model",
+                code="model_not_found",
+            )
+        info = measure(body, endpoint, principal, rid, request.headers.get(INTERACTION_HEADER),
+                       arrival)  # fmt: skip
+        return await gw.proxy.forward(request, info, body, out)
+    except ApiError as exc:
+        out.status = exc.status
+        if out.engine == "-":
+            gw.metrics.rejected.labels(tenant, str(exc.status)).inc()
+        raise
+    except asyncio.CancelledError:
+        out.status = 499
+        raise
+    finally:
+        _account(gw, rid, tenant, app, model, out, arrival)
+
+
+def _account(
+    gw: Gateway, rid: str, tenant: str, app: str, model: str, out: Outcome, arrival: float
+) -> None:
+    latency = time.perf_counter() - arrival
+    m = gw.metrics
+    if out.engine != "-":
+        labels = (tenant, model, out.engine)
+        m.requests.labels(*labels, str(out.status)).inc()
+        m.latency.labels(*labels).observe(latency)
+        if out.ttft is not None:
+            m.ttft.labels(*labels).observe(out.ttft)
+        if out.prompt_tokens:
+            m.prompt_tokens.labels(*labels).inc(out.prompt_tokens)
+        completion = out.completion_tokens
+        if completion is None and out.chunks:
+            completion = out.chunks  # engines that send no usage: about a token per chunk
+        if completion:
+            m.completion_tokens.labels(*labels).inc(completion)
+    log.info(
+        "request",
+        request_id=rid,
+        tenant=tenant,
+        app=app,
+        model=model,
+        engine=out.engine,
+        status=out.status,
+        attempts=out.attempts,
+        prompt_tokens=out.prompt_tokens,
+        completion_tokens=out.completion_tokens,
+        ttft_ms=None if out.ttft is None else round(out.ttft * 1000, 3),
+        latency_ms=round(latency * 1000, 3),
+    )
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _proxy(request, Endpoint.CHAT)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _proxy(request, Endpoint.COMPLETIONS)
+
+
+async def list_models(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    gw.keys.authenticate(request.headers.get("Authorization"))
+    cards = [
+        {"id": m, "object": "model", "created": 0, "owned_by": "fairway"}
+        for m in gw.registry.models
+    ]
+    return json_response({"object": "list", "data": cards})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    models = {
+        m: sum(e.healthy for e in engines) for m, engines in gw.registry.by_model.items()
+    }
+    ok = any(models.values())
+    return json_response(
+        {"status": "ok" if ok else "no healthy engine", "healthy_engines": models},
+        status=200 if ok else 503,
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    for e in gw.registry.engines.values():
+        gw.metrics.in_flight.labels(e.model, e.id, e.region).set(e.in_flight)
+        gw.metrics.engine_healthy.labels(e.model, e.id, e.region).set(int(e.healthy))
+    body = generate_latest(gw.metrics.registry)
+    return web.Response(body=body, content_type="text/plain", charset="utf-8")
+
+
+async def _start_sim(cfg: Config, e: EngineConfig) -> tuple[web.AppRunner, str]:
+    sim = SimEngineConfig(
+        model=e.model, arch=e.arch, gpu=e.gpu, tp=e.tp, time_scale=cfg.sim.time_scale,
+        max_num_seqs=e.max_num_seqs, max_batched_tokens=e.max_batched_tokens,
+        seed=cfg.sim.seed, engine_id=e.id, api_key=e.api_key,
+    )  # fmt: skip
+    runner = web.AppRunner(build_sim_app(sim), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, cfg.sim.host, e.port)
+    await site.start()
+    port = runner.addresses[0][1]
+    return runner, f"http://{cfg.sim.host}:{port}"
+
+
+def build_app(cfg: Config) -> web.Application:
+    """The gateway application for `cfg`; sim engines start with it, inside its event loop."""
+    app = web.Application(client_max_size=cfg.server.max_body_bytes, middlewares=[openai_errors])
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        runners: list[web.AppRunner] = []
+        engines: list[EngineConfig] = []
+        try:
+            for e in cfg.engines:
+                if e.kind == "sim":
+                    runner, url = await _start_sim(cfg, e)
+                    runners.append(runner)
+                    e = replace(e, url=url)
+                engines.append(e)
+            registry = EngineRegistry(
+                (EngineState(e.id, e.region, e.model, e.url, e.api_key) for e in engines),
+                unhealthy_after=cfg.server.unhealthy_after,
+                healthy_after=cfg.server.healthy_after,
+            )
+            session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
+                auto_decompress=False,
+            )
+            metrics = GatewayMetrics()
+            proxy = Proxy(registry, LeastOutstanding(), session, metrics, cfg.server)
+            gw = Gateway(cfg, KeyRing(cfg.tenants), metrics, registry, proxy, runners)
+            app[GATEWAY] = gw
+
+            def on_change(engine: EngineState, event: str) -> None:
+                metrics.engine_healthy.labels(engine.model, engine.id, engine.region).set(
+                    int(engine.healthy)
+                )
+                log.warning("engine_" + event, engine=engine.id, url=engine.url)
+
+            health = asyncio.get_running_loop().create_task(
+                health_loop(registry, session, cfg.server.health_interval_s,
+                            cfg.server.health_timeout_s, on_change)  # fmt: skip
+            )
+            log.info("started", engines=len(engines), models=registry.models)
+            yield
+            health.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await health
+            await session.close()
+        finally:
+            for runner in runners:
+                await runner.cleanup()
+
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    return app

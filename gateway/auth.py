@@ -1,0 +1,56 @@
+"""API keys to (tenant, application). Keys are held only as SHA-256 digests."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from gateway.config import TenantConfig
+from gateway.errors import ApiError
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    tenant: str
+    app: str
+
+
+def digest(key: str) -> str:
+    """The SHA-256 hex digest under which a key is stored in config.toml."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class KeyRing:
+    def __init__(self, tenants: Mapping[str, TenantConfig]) -> None:
+        self._entries = [
+            (bytes.fromhex(d), Principal(t.name, app))
+            for t in tenants.values()
+            for d, app in t.key_digests.items()
+        ]
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        """Resolve an `Authorization: Bearer <key>` header; raises a 401 ApiError."""
+        if not authorization:
+            raise ApiError(
+                401,
+                "Missing API key: send it as 'Authorization: Bearer <key>'.",
+                code="missing_api_key",
+            )
+        scheme, _, key = authorization.partition(" ")
+        key = key.strip()
+        if scheme.lower() != "bearer" or not key:
+            raise ApiError(
+                401, "Malformed Authorization header: expected 'Bearer <key>'.", code="invalid_api_key"
+            )
+        presented = hashlib.sha256(key.encode()).digest()
+        found: Principal | None = None
+        # Compare against every digest without stopping early, so timing does not tell
+        # how many keys precede the match.
+        for stored, principal in self._entries:
+            if hmac.compare_digest(stored, presented):
+                found = principal
+        if found is None:
+            raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+        return found

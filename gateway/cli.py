@@ -1,0 +1,121 @@
+"""`fairway`: serve the gateway, check a config, or run one simulated engine."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import uvloop
+from aiohttp import web
+
+from gateway.config import ConfigError, load
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from gateway.app import build_app
+    from gateway.logs import configure
+
+    try:
+        cfg = load(args.config)
+    except ConfigError as exc:
+        print(f"fairway: invalid configuration {args.config}:", file=sys.stderr)
+        for err in exc.errors:
+            print(f"  {err}", file=sys.stderr)
+        return 2
+    configure(cfg.log_level)
+    host = args.host or cfg.server.host
+    port = cfg.server.port if args.port is None else args.port
+    print(f"fairway: serving on http://{host}:{port} ({len(cfg.engines)} engines)", file=sys.stderr)
+    web.run_app(
+        build_app(cfg),
+        host=host,
+        port=port,
+        handler_cancellation=True,
+        access_log=None,
+        print=None,
+        loop=uvloop.new_event_loop(),
+    )
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    try:
+        cfg = load(args.config)
+    except ConfigError as exc:
+        for err in exc.errors:
+            print(f"{args.config}: {err}", file=sys.stderr)
+        return 2
+    regions = sorted({e.region for e in cfg.engines})
+    print(
+        f"{args.config}: ok: {len(cfg.tenants)} tenants, {len(cfg.engines)} engines, "
+        f"models {', '.join(cfg.models)}, regions {', '.join(regions)}"
+    )
+    return 0
+
+
+def _sim(args: argparse.Namespace) -> int:
+    from engines.sim.engine import SimEngineConfig
+    from engines.sim.server import build_app
+    from gateway.logs import configure
+
+    configure("info")
+    cfg = SimEngineConfig(
+        model=args.model,
+        arch=args.arch or args.model,
+        gpu=args.gpu,
+        tp=args.tp,
+        time_scale=args.time_scale,
+        max_num_seqs=args.max_num_seqs,
+        max_batched_tokens=args.max_batched_tokens,
+        seed=args.seed,
+        api_key=args.api_key,
+    )
+    try:
+        app = build_app(cfg)
+    except KeyError as exc:
+        print(f"fairway sim: {exc.args[0]}", file=sys.stderr)
+        return 2
+    print(f"fairway sim: {cfg.model} on {cfg.tp} x {cfg.gpu} at http://{args.host}:{args.port}",
+          file=sys.stderr)  # fmt: skip
+    web.run_app(app, host=args.host, port=args.port, handler_cancellation=True, access_log=None,
+                print=None, loop=uvloop.new_event_loop())  # fmt: skip
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fairway", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the gateway")
+    p.add_argument("--config", default="config.toml")
+    p.add_argument("--host", default=None, help="override server.host")
+    p.add_argument("--port", type=int, default=None, help="override server.port")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("check-config", help="validate a config file and exit")
+    p.add_argument("--config", default="config.toml")
+    p.set_defaults(func=_check)
+
+    p = sub.add_parser("sim", help="run one simulated vLLM engine")
+    p.add_argument("--model", default="llama-3.1-8b", help="name it serves under")
+    p.add_argument("--arch", default=None, help="performance-model preset (default: --model)")
+    p.add_argument("--gpu", default="H100")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--time-scale", type=float, default=1.0,
+                   help="multiply modelled step times (0.01 runs 100x faster)")  # fmt: skip
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-batched-tokens", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=_sim)
+
+    args = parser.parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

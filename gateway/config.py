@@ -1,0 +1,302 @@
+"""`config.toml`, parsed once into frozen dataclasses and validated there.
+
+Every problem is reported with the dotted key and the offending value
+(`tenants.acme.weight must be > 0, got -1`); all of them are collected before start-up stops.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from engines.perf_model import GPUS, MODELS
+
+EngineKind = Literal["sim", "vllm"]
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+
+
+class ConfigError(Exception):
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = 4 * 1024 * 1024
+    connect_timeout_s: float = 2.0
+    request_timeout_s: float = 600.0
+    max_attempts: int = 3
+    health_interval_s: float = 2.0
+    health_timeout_s: float = 1.0
+    unhealthy_after: int = 2
+    healthy_after: int = 1
+    retry_after_s: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class AppConfig:
+    name: str
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TenantConfig:
+    name: str
+    weight: float
+    apps: Mapping[str, AppConfig]
+    key_digests: Mapping[str, str]  # SHA-256 hex digest -> application name
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    id: str
+    region: str
+    model: str
+    kind: EngineKind
+    url: str = ""  # vllm: where it listens; sim: filled in when the engine starts
+    api_key: str | None = None  # the engine's own upstream key, never the client's
+    gpu: str = "H100"
+    arch: str = ""
+    tp: int = 1
+    port: int = 0
+    max_num_seqs: int = 256
+    max_batched_tokens: int = 2048
+
+
+@dataclass(frozen=True, slots=True)
+class SimConfig:
+    time_scale: float = 1.0
+    seed: int | None = None
+    host: str = "127.0.0.1"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig
+    tenants: Mapping[str, TenantConfig]
+    engines: tuple[EngineConfig, ...]
+    sim: SimConfig
+    log_level: str = "info"
+
+    @property
+    def models(self) -> list[str]:
+        return sorted({e.model for e in self.engines})
+
+
+T = TypeVar("T")
+
+
+class _Table:
+    """Typed reads from one TOML table that record errors instead of raising."""
+
+    def __init__(self, data: Mapping[str, Any], path: str, errors: list[str]) -> None:
+        self.data = data
+        self.path = path
+        self.errors = errors
+        self.seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def get(self, name: str, kind: type[T] | tuple[type, ...], default: T) -> T:
+        self.seen.add(name)
+        if name not in self.data:
+            return default
+        value = self.data[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+            names = " or ".join(k.__name__ for k in kinds)
+            self.errors.append(f"{self.key(name)} must be {names}, got {value!r}")
+            return default
+        return value  # type: ignore[return-value]
+
+    def number(self, name: str, default: float, *, gt: float | None = None) -> float:
+        value = float(self.get(name, (int, float), default))
+        if gt is not None and not value > gt:
+            self.errors.append(f"{self.key(name)} must be > {gt:g}, got {self.data[name]!r}")
+            return default
+        return value
+
+    def integer(self, name: str, default: int, *, ge: int | None = None) -> int:
+        value = self.get(name, int, default)
+        if ge is not None and value < ge:
+            self.errors.append(f"{self.key(name)} must be >= {ge}, got {value!r}")
+            return default
+        return value
+
+    def table(self, name: str) -> _Table:
+        return _Table(self.get(name, dict, {}), self.key(name), self.errors)
+
+    def finish(self) -> None:
+        for name in self.data:
+            if name not in self.seen:
+                self.errors.append(f"{self.key(name)} is not a known setting")
+
+
+def _server(t: _Table) -> ServerConfig:
+    d = ServerConfig()
+    cfg = ServerConfig(
+        host=t.get("host", str, d.host),
+        port=t.integer("port", d.port, ge=0),
+        max_body_bytes=t.integer("max_body_bytes", d.max_body_bytes, ge=1024),
+        connect_timeout_s=t.number("connect_timeout_s", d.connect_timeout_s, gt=0),
+        request_timeout_s=t.number("request_timeout_s", d.request_timeout_s, gt=0),
+        max_attempts=t.integer("max_attempts", d.max_attempts, ge=1),
+        health_interval_s=t.number("health_interval_s", d.health_interval_s, gt=0),
+        health_timeout_s=t.number("health_timeout_s", d.health_timeout_s, gt=0),
+        unhealthy_after=t.integer("unhealthy_after", d.unhealthy_after, ge=1),
+        healthy_after=t.integer("healthy_after", d.healthy_after, ge=1),
+        retry_after_s=t.integer("retry_after_s", d.retry_after_s, ge=1),
+    )
+    if cfg.port > 65535:
+        t.errors.append(f"{t.key('port')} must be <= 65535, got {cfg.port}")
+    t.finish()
+    return cfg
+
+
+def _tenant(name: str, t: _Table, digests_seen: dict[str, str]) -> TenantConfig:
+    weight = t.number("weight", 1.0, gt=0)
+    apps_t = t.table("apps")
+    apps: dict[str, AppConfig] = {}
+    for app_name in apps_t.data:
+        a = apps_t.table(app_name)
+        apps[app_name] = AppConfig(app_name, a.get("description", str, ""))
+        a.finish()
+    apps_t.finish()
+    if not apps:
+        apps["default"] = AppConfig("default")
+    digests: dict[str, str] = {}
+    keys = t.get("keys", list, [])
+    for i, entry in enumerate(keys):
+        k = _Table(entry if isinstance(entry, dict) else {}, f"{t.key('keys')}[{i}]", t.errors)
+        if not isinstance(entry, dict):
+            t.errors.append(f"{k.path} must be a table with sha256 and app, got {entry!r}")
+            continue
+        digest = k.get("sha256", str, "").lower()
+        app = k.get("app", str, next(iter(apps)))
+        k.finish()
+        if not _HEX64.match(digest):
+            t.errors.append(f"{k.key('sha256')} must be 64 hex digits (a SHA-256 digest)")
+            continue
+        if app not in apps:
+            t.errors.append(f"{k.key('app')} names an unknown application {app!r}")
+        if digest in digests_seen:
+            t.errors.append(f"{k.key('sha256')} is also a key of {digests_seen[digest]}")
+        digests_seen[digest] = k.path
+        digests[digest] = app
+    t.finish()
+    return TenantConfig(name, weight, apps, digests)
+
+
+def _engine(region: str, model: str, i: int, t: _Table, sim: bool) -> EngineConfig | None:
+    kind = t.get("kind", str, "sim")
+    default_id = f"{region}/{model}/{i}"
+    eid = t.get("id", str, default_id)
+    url = t.get("url", str, "").rstrip("/")
+    api_key = t.get("api_key", str, "") or None
+    key_env = t.get("api_key_env", str, "")
+    if key_env:
+        api_key = os.environ.get(key_env)
+        if api_key is None:
+            t.errors.append(f"{t.key('api_key_env')}: environment variable {key_env} is not set")
+    gpu = t.get("gpu", str, "H100")
+    arch = t.get("arch", str, model)
+    tp = t.integer("tp", 1, ge=1)
+    port = t.integer("port", 0, ge=0)
+    max_num_seqs = t.integer("max_num_seqs", 256, ge=1)
+    max_batched_tokens = t.integer("max_batched_tokens", 2048, ge=16)
+    t.finish()
+    if kind == "vllm":
+        if not url.startswith(("http://", "https://")):
+            t.errors.append(f"{t.key('url')} must be an http(s) URL for a vllm engine, got {url!r}")
+    elif kind == "sim":
+        if gpu not in GPUS:
+            t.errors.append(f"{t.key('gpu')} must be one of {sorted(GPUS)}, got {gpu!r}")
+        if arch not in MODELS:
+            t.errors.append(
+                f"{t.key('arch')} must be one of {sorted(MODELS)} for a sim engine, got {arch!r}"
+            )
+    else:
+        t.errors.append(f"{t.key('kind')} must be 'sim' or 'vllm', got {kind!r}")
+        return None
+    return EngineConfig(
+        eid, region, model, kind, url, api_key, gpu, arch, tp, port, max_num_seqs,
+        max_batched_tokens,
+    )  # fmt: skip
+
+
+def parse(data: Mapping[str, Any]) -> Config:
+    """Validate a parsed TOML document; raises ConfigError listing every problem."""
+    errors: list[str] = []
+    root = _Table(data, "", errors)
+    server = _server(root.table("server"))
+    st = root.table("sim")
+    seed = st.get("seed", int, -1)
+    sim = SimConfig(
+        time_scale=st.number("time_scale", 1.0, gt=0),
+        seed=None if seed < 0 else seed,
+        host=st.get("host", str, "127.0.0.1"),
+    )
+    st.finish()
+    lt = root.table("logging")
+    level = lt.get("level", str, "info").lower()
+    if level not in ("debug", "info", "warning", "error"):
+        errors.append(f"logging.level must be debug, info, warning or error, got {level!r}")
+    lt.finish()
+
+    tenants_t = root.table("tenants")
+    digests_seen: dict[str, str] = {}
+    tenants = {
+        name: _tenant(name, tenants_t.table(name), digests_seen) for name in tenants_t.data
+    }
+    tenants_t.finish()
+    if not tenants:
+        errors.append("tenants: at least one tenant with a key is needed")
+
+    engines: list[EngineConfig] = []
+    regions = root.table("engines")
+    for region in regions.data:
+        models = regions.table(region)
+        for model in models.data:
+            entries = models.get(model, list, [])
+            for i, entry in enumerate(entries):
+                path = f"engines.{region}.{model}[{i}]"
+                if not isinstance(entry, dict):
+                    errors.append(f"{path} must be a table, got {entry!r}")
+                    continue
+                eng = _engine(region, model, i, _Table(entry, path, errors), sim=True)
+                if eng is not None:
+                    engines.append(eng)
+    regions.finish()
+    if not engines:
+        errors.append("engines: at least one engine is needed")
+    ids = [e.id for e in engines]
+    for eid in sorted({i for i in ids if ids.count(i) > 1}):
+        errors.append(f"engines: id {eid!r} is used more than once")
+    for name in (*tenants, *(e.model for e in engines)):
+        if not _NAME.match(name):
+            errors.append(f"{name!r} is not a valid name (letters, digits, . _ : / -)")
+    root.finish()
+    if errors:
+        raise ConfigError(errors)
+    return Config(server, tenants, tuple(engines), sim, level)
+
+
+def load(path: str | Path) -> Config:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: no such file"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: invalid TOML: {exc}"]) from None
+    return parse(data)

@@ -1,0 +1,53 @@
+"""Prometheus metrics of the gateway, per tenant, model and engine, in the app's own registry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0,
+)  # fmt: skip
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = reg = CollectorRegistry()
+        tme = ["tenant", "model", "engine"]
+        self.requests = Counter(
+            "fairway_requests", "Requests answered, by final HTTP status.",
+            [*tme, "status"], registry=reg,
+        )  # fmt: skip
+        self.prompt_tokens = Counter(
+            "fairway_prompt_tokens", "Prompt tokens, as the engine reported them.", tme,
+            registry=reg,
+        )  # fmt: skip
+        self.completion_tokens = Counter(
+            "fairway_completion_tokens", "Completion tokens, as the engine reported them.", tme,
+            registry=reg,
+        )  # fmt: skip
+        self.ttft = Histogram(
+            "fairway_time_to_first_token_seconds", "Arrival at the gateway to first token relayed.",
+            tme, buckets=LATENCY_BUCKETS, registry=reg,
+        )  # fmt: skip
+        self.latency = Histogram(
+            "fairway_request_latency_seconds", "Arrival at the gateway to the last byte relayed.",
+            tme, buckets=LATENCY_BUCKETS, registry=reg,
+        )  # fmt: skip
+        self.upstream_errors = Counter(
+            "fairway_upstream_errors", "Failed attempts to reach or use an engine.",
+            ["model", "engine", "kind"], registry=reg,
+        )  # fmt: skip
+        self.rejected = Counter(
+            "fairway_rejected_requests",
+            "Requests refused before reaching an engine, by HTTP status.",
+            ["tenant", "status"], registry=reg,
+        )  # fmt: skip
+        self.engine_healthy = Gauge(
+            "fairway_engine_healthy", "1 while the engine is admitted, 0 while ejected.",
+            ["model", "engine", "region"], registry=reg,
+        )  # fmt: skip
+        self.in_flight = Gauge(
+            "fairway_engine_in_flight", "Requests the gateway has open at the engine.",
+            ["model", "engine", "region"], registry=reg,
+        )  # fmt: skip

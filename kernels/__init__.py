@@ -1,0 +1,1 @@
+"""Attention kernels for the engines (LeanAttention lands here)."""

@@ -1,0 +1,1 @@
+"""Load tests that talk to the gateway over HTTP only."""

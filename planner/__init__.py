@@ -1,0 +1,1 @@
+"""Capacity planning per region (SageServe lands here)."""
