@@ -48,12 +48,12 @@ async def probe(
     registry: EngineRegistry,
     engine: EngineState,
     session: aiohttp.ClientSession,
-    timeout: float,
+    probe_timeout: float,
     on_change: EventHook,
 ) -> None:
     """One probe: `GET /health`, then the load gauges from `GET /metrics`."""
     headers = {"Authorization": f"Bearer {engine.api_key}"} if engine.api_key else {}
-    to = aiohttp.ClientTimeout(total=timeout)
+    to = aiohttp.ClientTimeout(total=probe_timeout)
     try:
         async with session.get(f"{engine.url}/health", timeout=to, headers=headers) as resp:
             ok = resp.status == 200
@@ -77,12 +77,15 @@ async def health_loop(
     registry: EngineRegistry,
     session: aiohttp.ClientSession,
     interval: float,
-    timeout: float,
+    probe_timeout: float,
     on_change: EventHook,
 ) -> None:
     """Probe every engine every `interval` seconds until cancelled."""
     while True:
         await asyncio.gather(
-            *(probe(registry, e, session, timeout, on_change) for e in registry.engines.values())
+            *(
+                probe(registry, e, session, probe_timeout, on_change)
+                for e in registry.engines.values()
+            )
         )
         await asyncio.sleep(interval)

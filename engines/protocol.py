@@ -33,7 +33,9 @@ def error_body(
     return {
         "error": {
             "message": message,
-            "type": ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error"),
+            "type": ERROR_TYPES.get(
+                status, "api_error" if status >= 500 else "invalid_request_error"
+            ),
             "param": param,
             "code": code,
         }

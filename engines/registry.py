@@ -68,9 +68,7 @@ class EngineRegistry:
         """Healthy engines of `model`, less those already tried for this request."""
         skip = set(exclude)
         return [
-            e.snapshot()
-            for e in self.by_model.get(model, ())
-            if e.healthy and e.id not in skip
+            e.snapshot() for e in self.by_model.get(model, ()) if e.healthy and e.id not in skip
         ]
 
     def probe_ok(self, engine: EngineState) -> bool:

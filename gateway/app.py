@@ -164,9 +164,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def healthz(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    models = {
-        m: sum(e.healthy for e in engines) for m, engines in gw.registry.by_model.items()
-    }
+    models = {m: sum(e.healthy for e in engines) for m, engines in gw.registry.by_model.items()}
     ok = any(models.values())
     return json_response(
         {"status": "ok" if ok else "no healthy engine", "healthy_engines": models},
@@ -231,10 +229,11 @@ def build_app(cfg: Config) -> web.Application:
                 )
                 log.warning("engine_" + event, engine=engine.id, url=engine.url)
 
-            health = asyncio.get_running_loop().create_task(
-                health_loop(registry, session, cfg.server.health_interval_s,
-                            cfg.server.health_timeout_s, on_change)  # fmt: skip
-            )
+            probes = health_loop(
+                registry, session, cfg.server.health_interval_s, cfg.server.health_timeout_s,
+                on_change,
+            )  # fmt: skip
+            health = asyncio.get_running_loop().create_task(probes)
             log.info("started", engines=len(engines), models=registry.models)
             yield
             health.cancel()

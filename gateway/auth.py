@@ -42,7 +42,9 @@ class KeyRing:
         key = key.strip()
         if scheme.lower() != "bearer" or not key:
             raise ApiError(
-                401, "Malformed Authorization header: expected 'Bearer <key>'.", code="invalid_api_key"
+                401,
+                "Malformed Authorization header: expected 'Bearer <key>'.",
+                code="invalid_api_key",
             )
         presented = hashlib.sha256(key.encode()).digest()
         found: Principal | None = None

@@ -197,8 +197,8 @@ def _tenant(name: str, t: _Table, digests_seen: dict[str, str]) -> TenantConfig:
     return TenantConfig(name, weight, apps, digests)
 
 
-def _engine(region: str, model: str, i: int, t: _Table, sim: bool) -> EngineConfig | None:
-    kind = t.get("kind", str, "sim")
+def _engine(region: str, model: str, i: int, t: _Table) -> EngineConfig | None:
+    kind: str = t.get("kind", str, "sim")
     default_id = f"{region}/{model}/{i}"
     eid = t.get("id", str, default_id)
     url = t.get("url", str, "").rstrip("/")
@@ -228,8 +228,9 @@ def _engine(region: str, model: str, i: int, t: _Table, sim: bool) -> EngineConf
     else:
         t.errors.append(f"{t.key('kind')} must be 'sim' or 'vllm', got {kind!r}")
         return None
+    engine_kind: EngineKind = "sim" if kind == "sim" else "vllm"
     return EngineConfig(
-        eid, region, model, kind, url, api_key, gpu, arch, tp, port, max_num_seqs,
+        eid, region, model, engine_kind, url, api_key, gpu, arch, tp, port, max_num_seqs,
         max_batched_tokens,
     )  # fmt: skip
 
@@ -255,9 +256,7 @@ def parse(data: Mapping[str, Any]) -> Config:
 
     tenants_t = root.table("tenants")
     digests_seen: dict[str, str] = {}
-    tenants = {
-        name: _tenant(name, tenants_t.table(name), digests_seen) for name in tenants_t.data
-    }
+    tenants = {name: _tenant(name, tenants_t.table(name), digests_seen) for name in tenants_t.data}
     tenants_t.finish()
     if not tenants:
         errors.append("tenants: at least one tenant with a key is needed")
@@ -273,7 +272,7 @@ def parse(data: Mapping[str, Any]) -> Config:
                 if not isinstance(entry, dict):
                     errors.append(f"{path} must be a table, got {entry!r}")
                     continue
-                eng = _engine(region, model, i, _Table(entry, path, errors), sim=True)
+                eng = _engine(region, model, i, _Table(entry, path, errors))
                 if eng is not None:
                     engines.append(eng)
     regions.finish()

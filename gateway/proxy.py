@@ -96,7 +96,8 @@ def _upstream_error(status: int, raw: bytes) -> ApiError:
     except orjson.JSONDecodeError:
         obj = None
     if isinstance(obj, dict):
-        err = obj.get("error") if isinstance(obj.get("error"), dict) else obj
+        inner = obj.get("error")
+        err: dict[str, Any] = inner if isinstance(inner, dict) else obj
         message = str(err.get("message", message))
         param = err.get("param") if isinstance(err.get("param"), str) else None
         code = err.get("code") if isinstance(err.get("code"), str) else None
@@ -225,7 +226,9 @@ class Proxy:
             obj = orjson.loads(raw)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             self._mid_stream_failure(info, engine, exc, out)
-            raise ApiError(502, f"engine {engine.id} failed mid-response", code="upstream_error")
+            raise ApiError(
+                502, f"engine {engine.id} failed mid-response", code="upstream_error"
+            ) from None
         except orjson.JSONDecodeError:
             self.metrics.upstream_errors.labels(info.model, engine.id, "bad_body").inc()
             raise ApiError(
@@ -283,8 +286,9 @@ class Proxy:
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             self._mid_stream_failure(info, engine, exc, out)
             message = f"engine {engine.id} failed mid-stream"
+            event = sse_event(error_body(502, message, code="upstream_error"))
             with contextlib.suppress(ConnectionResetError):
-                await resp.write(sse_event(error_body(502, message, code="upstream_error")) + SSE_DONE)
+                await resp.write(event + SSE_DONE)
         return resp
 
     def _mid_stream_failure(

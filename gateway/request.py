@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import orjson
@@ -21,7 +21,7 @@ INTERACTION_HEADER = "X-Fairway-Interaction"
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
 
-class Endpoint(str, Enum):
+class Endpoint(StrEnum):
     CHAT = "chat"
     COMPLETIONS = "completions"
 

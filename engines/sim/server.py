@@ -23,7 +23,6 @@ from engines.protocol import SSE_DONE, error_response, json_response, sse_event,
 from engines.sim.engine import SimEngine, SimEngineConfig, Stream
 from engines.tokens import chat_prompt_tokens, completion_prompt_tokens
 
-
 WORDS = ("the", "model", "is", "simulated", "so", "these", "words", "only", "keep", "time")
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 

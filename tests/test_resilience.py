@@ -1,0 +1,172 @@
+"""Client disconnects abort the engine's work; dead engines are skipped, ejected, re-admitted."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from aiohttp.test_utils import TestServer
+
+from gateway.app import Gateway
+from tests.conftest import ACME, MODEL, config_dict, free_port, scrape, start_sim
+
+Served = tuple[TestServer, Gateway]
+AUTH = {"Authorization": f"Bearer {ACME}"}
+CHAT = "/v1/chat/completions"
+LONG = {"model": MODEL, "messages": [{"role": "user", "content": "go on"}],
+        "max_tokens": 4000, "ignore_eos": True}  # fmt: skip
+
+
+async def engine_metrics(http: aiohttp.ClientSession, url: str) -> str:
+    async with http.get(f"{url}/metrics") as r:
+        return await r.text()
+
+
+async def wait_for(predicate: Any, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def one_engine(start_gateway: Any) -> tuple[TestServer, Gateway, str]:
+    runner, url = await start_sim(time_scale=0.2)
+    server, gw = await start_gateway(config_dict({"us-east": {MODEL: [{"kind": "vllm",
+                                                                         "url": url}]}}))  # fmt: skip
+    yield server, gw, url
+    await runner.cleanup()
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_client_disconnect_aborts_upstream(
+    one_engine: tuple[TestServer, Gateway, str], stream: bool
+) -> None:
+    server, gw, url = one_engine
+    async with aiohttp.ClientSession() as http:
+        body = {**LONG, "stream": stream}
+        if stream:
+            async with http.post(server.make_url(CHAT), json=body, headers=AUTH) as r:
+                assert r.status == 200
+                await r.content.readuntil(b"\n\n")  # one token arrived, then we hang up
+        else:
+            with pytest.raises(asyncio.TimeoutError):
+                to = aiohttp.ClientTimeout(total=0.3)
+                await http.post(server.make_url(CHAT), json=body, headers=AUTH, timeout=to)
+
+        async def aborted() -> bool:
+            text = await engine_metrics(http, url)
+            return (
+                scrape(text, "vllm:request_success_total", finished_reason="abort") == 1
+                and scrape(text, "vllm:num_requests_running") == 0
+            )
+
+        await wait_for(aborted)
+        assert gw.registry.engines["us-east/llama-3.1-8b/0"].in_flight == 0
+        assert scrape(await engine_metrics(http, url), "vllm:kv_cache_usage_perc") == 0
+
+
+async def test_failover_to_live_engine_and_readmission(start_gateway: Any) -> None:
+    port = free_port()
+    dead = f"http://127.0.0.1:{port}"
+    live_runner, live = await start_sim()
+    cfg = config_dict({"us-east": {MODEL: [{"kind": "vllm", "url": dead, "id": "dead"},
+                                           {"kind": "vllm", "url": live, "id": "live"}]}},
+                      health_interval_s=60)  # fmt: skip
+    server, gw = await start_gateway(cfg)
+    client = openai.AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key=ACME, max_retries=0)
+    msgs: Any = [{"role": "user", "content": "hi"}]
+    try:
+        for _ in range(4):
+            raw = await client.chat.completions.with_raw_response.create(
+                model=MODEL, messages=msgs, max_tokens=3
+            )
+            assert raw.headers["x-fairway-engine"] == "live"
+        dead_state = gw.registry.engines["dead"]
+        assert not dead_state.healthy  # ejected on its first refused connection
+        async with aiohttp.ClientSession() as http:
+            async with http.get(server.make_url("/metrics")) as r:
+                text = await r.text()
+        assert scrape(text, "fairway_upstream_errors_total", engine="dead", kind="connect") == 1
+        assert scrape(text, "fairway_engine_healthy", engine="dead") == 0
+        # The engine comes up; the next probe re-admits it and it takes traffic again.
+        revived, _ = await start_sim(port=port)
+        try:
+            from engines.health import probe
+
+            await probe(gw.registry, dead_state, gw.proxy.session, 1.0, lambda e, ev: None)
+            assert dead_state.healthy
+            seen = set()
+            for _ in range(4):
+                raw = await client.chat.completions.with_raw_response.create(
+                    model=MODEL, messages=msgs, max_tokens=3
+                )
+                seen.add(raw.headers["x-fairway-engine"])
+            assert seen == {"dead", "live"}
+        finally:
+            await revived.cleanup()
+    finally:
+        await live_runner.cleanup()
+
+
+async def test_health_loop_ejects_and_readmits(start_gateway: Any) -> None:
+    runner, url = await start_sim()
+    port = int(url.rsplit(":", 1)[1])
+    server, gw = await start_gateway(
+        config_dict({"us-east": {MODEL: [{"kind": "vllm", "url": url, "id": "e"}]}},
+                    health_interval_s=0.05, unhealthy_after=2)  # fmt: skip
+    )
+    state = gw.registry.engines["e"]
+
+    async def healthy() -> bool:
+        return state.healthy
+
+    async def ejected() -> bool:
+        return not state.healthy
+
+    await runner.cleanup()
+    await wait_for(ejected)
+    runner, _ = await start_sim(port=port)
+    try:
+        await wait_for(healthy)
+    finally:
+        await runner.cleanup()
+
+
+async def test_engine_dying_mid_stream_ends_stream_with_error(start_gateway: Any) -> None:
+    """A `fairway sim` process killed mid-stream: the client gets an error event, not a hang."""
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", "sim", "--port", str(port), "--time-scale", "0.2",
+        stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def up() -> bool:
+                try:
+                    async with http.get(f"{url}/health") as r:
+                        return r.status == 200
+                except aiohttp.ClientConnectionError:
+                    return False
+
+            await wait_for(up, timeout=20)
+            server, _ = await start_gateway(
+                config_dict({"us-east": {MODEL: [{"kind": "vllm", "url": url}]}})
+            )
+            body = {**LONG, "stream": True}
+            async with http.post(server.make_url(CHAT), json=body, headers=AUTH) as r:
+                await r.content.readuntil(b"\n\n")
+                proc.kill()
+                rest = await r.read()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+    assert b'"upstream_error"' in rest
+    assert rest.endswith(b"data: [DONE]\n\n")
