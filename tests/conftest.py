@@ -63,7 +63,7 @@ async def start_gateway(
         server = await aiohttp_server(build_app(config))
         return server, server.app[GATEWAY]
 
-    yield start
+    return start
 
 
 @pytest.fixture
@@ -88,8 +88,13 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 async def start_sim(port: int = 0, **kw: Any) -> tuple[web.AppRunner, str]:
     """A standalone simulated engine, as `fairway sim` runs it."""
-    cfg = SimEngineConfig(model=kw.pop("model", MODEL), arch=kw.pop("arch", MODEL),
-                          time_scale=kw.pop("time_scale", 0.02), seed=1, **kw)  # fmt: skip
+    cfg = SimEngineConfig(
+        model=kw.pop("model", MODEL),
+        arch=kw.pop("arch", MODEL),
+        time_scale=kw.pop("time_scale", 0.02),
+        seed=1,
+        **kw,
+    )
     runner = web.AppRunner(build_sim_app(cfg), handler_cancellation=True)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()

@@ -16,9 +16,11 @@ AUTH = {"Authorization": f"Bearer {ACME}"}
 
 async def test_chat_whole(client: openai.AsyncOpenAI) -> None:
     resp = await client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Say hi"}], max_tokens=12,
+        model=MODEL,
+        messages=[{"role": "user", "content": "Say hi"}],
+        max_tokens=12,
         extra_body={"ignore_eos": True},
-    )  # fmt: skip
+    )
     assert resp.object == "chat.completion"
     assert resp.choices[0].message.role == "assistant"
     assert resp.choices[0].finish_reason == "length"
@@ -29,9 +31,13 @@ async def test_chat_whole(client: openai.AsyncOpenAI) -> None:
 
 async def test_chat_stream_counts_tokens(client: openai.AsyncOpenAI) -> None:
     stream = await client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Count"}], max_tokens=20, stream=True,
-        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
-    )  # fmt: skip
+        model=MODEL,
+        messages=[{"role": "user", "content": "Count"}],
+        max_tokens=20,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
     text, usage = [], None
     async for chunk in stream:
         if chunk.usage is not None:
@@ -49,9 +55,12 @@ async def test_completions_whole_and_stream(client: openai.AsyncOpenAI) -> None:
     assert resp.usage is not None
     assert 1 <= resp.usage.completion_tokens <= 5
     stream = await client.completions.create(
-        model=MODEL, prompt=[1, 2, 3, 4], max_tokens=7, stream=True,
+        model=MODEL,
+        prompt=[1, 2, 3, 4],
+        max_tokens=7,
+        stream=True,
         extra_body={"ignore_eos": True},
-    )  # fmt: skip
+    )
     chunks = [c async for c in stream]
     assert "".join(c.choices[0].text for c in chunks if c.choices).count(" ") == 7
     assert chunks[-1].choices[0].finish_reason == "length"
@@ -60,9 +69,14 @@ async def test_completions_whole_and_stream(client: openai.AsyncOpenAI) -> None:
 async def test_usage_hidden_when_client_did_not_ask(
     gateway: Served, http: aiohttp.ClientSession
 ) -> None:
-    server, gw = gateway
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 6,
-            "stream": True, "ignore_eos": True}  # fmt: skip
+    server, _gw = gateway
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "x"}],
+        "max_tokens": 6,
+        "stream": True,
+        "ignore_eos": True,
+    }
     async with http.post(server.make_url("/v1/chat/completions"), json=body, headers=AUTH) as r:
         assert r.status == 200
         raw = await r.read()
@@ -88,8 +102,9 @@ async def test_models_health_and_metrics(
     )
     async with http.get(server.make_url("/metrics")) as r:
         text = await r.text()
-    assert scrape(text, "fairway_requests_total", tenant="acme", model="mistral-7b",
-                  status="200") == 1  # fmt: skip
+    assert (
+        scrape(text, "fairway_requests_total", tenant="acme", model="mistral-7b", status="200") == 1
+    )
     assert scrape(text, "fairway_prompt_tokens_total", tenant="acme", model="mistral-7b") > 0
     assert scrape(text, "fairway_request_latency_seconds_count", tenant="acme") == 1
 
@@ -99,9 +114,11 @@ async def test_requests_spread_over_engines(client: openai.AsyncOpenAI, gateway:
 
     async def one() -> str:
         raw = await client.chat.completions.with_raw_response.create(
-            model=MODEL, messages=[{"role": "user", "content": "q"}], max_tokens=30,
+            model=MODEL,
+            messages=[{"role": "user", "content": "q"}],
+            max_tokens=30,
             extra_body={"ignore_eos": True},
-        )  # fmt: skip
+        )
         return raw.headers["x-fairway-engine"]
 
     engines = await asyncio.gather(*(one() for _ in range(9)))

@@ -156,7 +156,7 @@ async def test_no_healthy_engine_is_503_with_retry_after(
 ) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
     cfg = config_dict({"us-east": {MODEL: [{"kind": "vllm", "url": dead}]}})
-    server, gw = await start_gateway(cfg)
+    server, _gw = await start_gateway(cfg)
     body = {"model": MODEL, "messages": MSGS}
     for _ in range(2):  # first the connection fails, then the engine is already ejected
         async with http.post(server.make_url(CHAT), json=body, headers=AUTH) as r:

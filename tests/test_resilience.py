@@ -11,14 +11,19 @@ import openai
 import pytest
 from aiohttp.test_utils import TestServer
 
+from engines.health import probe
 from gateway.app import Gateway
 from tests.conftest import ACME, MODEL, config_dict, free_port, scrape, start_sim
 
 Served = tuple[TestServer, Gateway]
 AUTH = {"Authorization": f"Bearer {ACME}"}
 CHAT = "/v1/chat/completions"
-LONG = {"model": MODEL, "messages": [{"role": "user", "content": "go on"}],
-        "max_tokens": 4000, "ignore_eos": True}  # fmt: skip
+LONG = {
+    "model": MODEL,
+    "messages": [{"role": "user", "content": "go on"}],
+    "max_tokens": 4000,
+    "ignore_eos": True,
+}
 
 
 async def engine_metrics(http: aiohttp.ClientSession, url: str) -> str:
@@ -26,8 +31,8 @@ async def engine_metrics(http: aiohttp.ClientSession, url: str) -> str:
         return await r.text()
 
 
-async def wait_for(predicate: Any, timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
+async def wait_for(predicate: Any, within: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within
     while not await predicate():
         assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
         await asyncio.sleep(0.02)
@@ -36,8 +41,9 @@ async def wait_for(predicate: Any, timeout: float = 5.0) -> None:
 @pytest.fixture
 async def one_engine(start_gateway: Any) -> tuple[TestServer, Gateway, str]:
     runner, url = await start_sim(time_scale=0.2)
-    server, gw = await start_gateway(config_dict({"us-east": {MODEL: [{"kind": "vllm",
-                                                                         "url": url}]}}))  # fmt: skip
+    server, gw = await start_gateway(
+        config_dict({"us-east": {MODEL: [{"kind": "vllm", "url": url}]}})
+    )
     yield server, gw, url
     await runner.cleanup()
 
@@ -54,8 +60,8 @@ async def test_client_disconnect_aborts_upstream(
                 assert r.status == 200
                 await r.content.readuntil(b"\n\n")  # one token arrived, then we hang up
         else:
+            to = aiohttp.ClientTimeout(total=0.3)
             with pytest.raises(asyncio.TimeoutError):
-                to = aiohttp.ClientTimeout(total=0.3)
                 await http.post(server.make_url(CHAT), json=body, headers=AUTH, timeout=to)
 
         async def aborted() -> bool:
@@ -74,9 +80,17 @@ async def test_failover_to_live_engine_and_readmission(start_gateway: Any) -> No
     port = free_port()
     dead = f"http://127.0.0.1:{port}"
     live_runner, live = await start_sim()
-    cfg = config_dict({"us-east": {MODEL: [{"kind": "vllm", "url": dead, "id": "dead"},
-                                           {"kind": "vllm", "url": live, "id": "live"}]}},
-                      health_interval_s=60)  # fmt: skip
+    cfg = config_dict(
+        {
+            "us-east": {
+                MODEL: [
+                    {"kind": "vllm", "url": dead, "id": "dead"},
+                    {"kind": "vllm", "url": live, "id": "live"},
+                ]
+            }
+        },
+        health_interval_s=60,
+    )
     server, gw = await start_gateway(cfg)
     client = openai.AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key=ACME, max_retries=0)
     msgs: Any = [{"role": "user", "content": "hi"}]
@@ -88,16 +102,13 @@ async def test_failover_to_live_engine_and_readmission(start_gateway: Any) -> No
             assert raw.headers["x-fairway-engine"] == "live"
         dead_state = gw.registry.engines["dead"]
         assert not dead_state.healthy  # ejected on its first refused connection
-        async with aiohttp.ClientSession() as http:
-            async with http.get(server.make_url("/metrics")) as r:
-                text = await r.text()
+        async with aiohttp.ClientSession() as http, http.get(server.make_url("/metrics")) as r:
+            text = await r.text()
         assert scrape(text, "fairway_upstream_errors_total", engine="dead", kind="connect") == 1
         assert scrape(text, "fairway_engine_healthy", engine="dead") == 0
         # The engine comes up; the next probe re-admits it and it takes traffic again.
         revived, _ = await start_sim(port=port)
         try:
-            from engines.health import probe
-
             await probe(gw.registry, dead_state, gw.proxy.session, 1.0, lambda e, ev: None)
             assert dead_state.healthy
             seen = set()
@@ -116,9 +127,12 @@ async def test_failover_to_live_engine_and_readmission(start_gateway: Any) -> No
 async def test_health_loop_ejects_and_readmits(start_gateway: Any) -> None:
     runner, url = await start_sim()
     port = int(url.rsplit(":", 1)[1])
-    server, gw = await start_gateway(
-        config_dict({"us-east": {MODEL: [{"kind": "vllm", "url": url, "id": "e"}]}},
-                    health_interval_s=0.05, unhealthy_after=2)  # fmt: skip
+    _server, gw = await start_gateway(
+        config_dict(
+            {"us-east": {MODEL: [{"kind": "vllm", "url": url, "id": "e"}]}},
+            health_interval_s=0.05,
+            unhealthy_after=2,
+        )
     )
     state = gw.registry.engines["e"]
 
@@ -141,9 +155,16 @@ async def test_engine_dying_mid_stream_ends_stream_with_error(start_gateway: Any
     """A `fairway sim` process killed mid-stream: the client gets an error event, not a hang."""
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway.cli", "sim", "--port", str(port), "--time-scale", "0.2",
+        sys.executable,
+        "-m",
+        "gateway.cli",
+        "sim",
+        "--port",
+        str(port),
+        "--time-scale",
+        "0.2",
         stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as http:
@@ -155,7 +176,7 @@ async def test_engine_dying_mid_stream_ends_stream_with_error(start_gateway: Any
                 except aiohttp.ClientConnectionError:
                     return False
 
-            await wait_for(up, timeout=20)
+            await wait_for(up, within=20)
             server, _ = await start_gateway(
                 config_dict({"us-east": {MODEL: [{"kind": "vllm", "url": url}]}})
             )

@@ -1,0 +1,108 @@
+"""config.toml validation names the key and the value, and stops start-up."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.cli import main
+from gateway.config import ConfigError, load, parse
+from tests.conftest import MODEL, config_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def errors_of(data: dict[str, Any]) -> list[str]:
+    with pytest.raises(ConfigError) as exc:
+        parse(data)
+    return exc.value.errors
+
+
+def test_shipped_config_is_valid() -> None:
+    cfg = load(ROOT / "config.toml")
+    assert len({e.region for e in cfg.engines}) >= 2
+    assert len(cfg.models) >= 2
+    assert len(cfg.tenants) >= 3
+    assert all(e.kind == "sim" for e in cfg.engines)
+    assert cfg.server.port == 8080
+
+
+def test_negative_weight_names_key_and_value() -> None:
+    data = config_dict()
+    data["tenants"]["acme"]["weight"] = -1
+    assert "tenants.acme.weight must be > 0, got -1" in errors_of(data)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda d: d["server"].update(port="80"), "server.port must be int, got '80'"),
+        (lambda d: d["server"].update(port=70000), "server.port must be <= 65535, got 70000"),
+        (lambda d: d["server"].update(prot=1), "server.prot is not a known setting"),
+        (lambda d: d["server"].update(max_attempts=0), "server.max_attempts must be >= 1, got 0"),
+        (lambda d: d["sim"].update(time_scale=0), "sim.time_scale must be > 0, got 0"),
+        (lambda d: d["tenants"]["acme"].update(weight=True),
+         "tenants.acme.weight must be int or float, got True"),
+        (lambda d: d["tenants"]["acme"]["keys"][0].update(sha256="abc"),
+         "tenants.acme.keys[0].sha256 must be 64 hex digits (a SHA-256 digest)"),
+        (lambda d: d["tenants"]["acme"]["keys"][0].update(app="nope"),
+         "tenants.acme.keys[0].app names an unknown application 'nope'"),
+        (lambda d: d["tenants"]["globex"]["keys"][0].update(
+            sha256=d["tenants"]["acme"]["keys"][0]["sha256"]),
+         "tenants.globex.keys[0].sha256 is also a key of tenants.acme.keys[0]"),
+        (lambda d: d["engines"]["us-east"][MODEL][0].update(kind="tgi"),
+         f"engines.us-east.{MODEL}[0].kind must be 'sim' or 'vllm', got 'tgi'"),
+        (lambda d: d["engines"]["us-east"][MODEL][0].update(kind="vllm"),
+         f"engines.us-east.{MODEL}[0].url must be an http(s) URL for a vllm engine, got ''"),
+        (lambda d: d["engines"]["us-east"][MODEL][0].update(gpu="V100"),
+         f"engines.us-east.{MODEL}[0].gpu must be one of ['A100', 'H100', 'H200'], got 'V100'"),
+        (lambda d: d["engines"]["us-east"][MODEL][1].update(id="us-east/llama-3.1-8b/0"),
+         "engines: id 'us-east/llama-3.1-8b/0' is used more than once"),
+        (lambda d: d["engines"]["us-east"][MODEL][0].update(api_key_env="FAIRWAY_NO_SUCH_VAR"),
+         f"engines.us-east.{MODEL}[0].api_key_env: environment variable FAIRWAY_NO_SUCH_VAR "
+         "is not set"),
+        (lambda d: d.update(engines={}), "engines: at least one engine is needed"),
+        (lambda d: d["logging"].update(level="loud"),
+         "logging.level must be debug, info, warning or error, got 'loud'"),
+    ],
+)  # fmt: skip
+def test_validation_errors(mutate: Any, expected: str) -> None:
+    data = copy.deepcopy(config_dict())
+    mutate(data)
+    assert expected in errors_of(data)
+
+
+def test_all_errors_are_reported_at_once() -> None:
+    data = config_dict()
+    data["tenants"]["acme"]["weight"] = 0
+    data["server"]["port"] = -5
+    assert len(errors_of(data)) == 2
+
+
+def test_check_config_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", "--config", str(ROOT / "config.toml")]) == 0
+    assert "ok: 3 tenants" in capsys.readouterr().out
+    bad = tmp_path / "bad.toml"
+    bad.write_text((ROOT / "config.toml").read_text().replace("weight = 2.0", "weight = -1"))
+    assert main(["check-config", "--config", str(bad)]) == 2
+    assert "tenants.acme.weight must be > 0, got -1" in capsys.readouterr().err
+    (tmp_path / "broken.toml").write_text("[server\n")
+    assert main(["check-config", "--config", str(tmp_path / "broken.toml")]) == 2
+    assert "invalid TOML" in capsys.readouterr().err
+    assert main(["check-config", "--config", str(tmp_path / "missing.toml")]) == 2
+
+
+def test_serve_refuses_invalid_config(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text((ROOT / "config.toml").read_text().replace('gpu = "A100"', 'gpu = "K80"', 1))
+    proc = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "serve", "--config", str(bad)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "gpu must be one of" in proc.stderr

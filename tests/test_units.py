@@ -1,0 +1,67 @@
+"""Pure pieces: key digests, usage filtering of SSE events, vLLM metrics parsing, routing."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from engines.health import parse_vllm_metrics
+from engines.registry import EngineSnapshot
+from gateway.auth import KeyRing, digest
+from gateway.config import TenantConfig
+from gateway.errors import ApiError
+from gateway.proxy import Outcome, _filter_event
+from gateway.request import Endpoint, RequestInfo
+from gateway.routing import LeastOutstanding
+
+
+def test_keyring_resolves_tenant_and_app() -> None:
+    ring = KeyRing({"t": TenantConfig("t", 1.0, {}, {digest("k1"): "a", digest("k2"): "b"})})
+    assert ring.authenticate("Bearer k2").app == "b"
+    assert ring.authenticate("bearer  k1 ").tenant == "t"
+    for header in (None, "", "Bearer", "Token k1", "Bearer k3"):
+        with pytest.raises(ApiError) as exc:
+            ring.authenticate(header)
+        assert exc.value.status == 401
+
+
+USAGE = b'data: {"id":"x","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":9}}\n\n'
+TOKEN = b'data: {"id":"x","choices":[{"index":0,"delta":{"content":"a"}}]}\n\n'
+
+
+def test_usage_chunk_recorded_and_hidden_unless_asked() -> None:
+    out = Outcome()
+    assert _filter_event(TOKEN, False, out) == TOKEN
+    assert _filter_event(USAGE, False, out) is None
+    assert (out.prompt_tokens, out.completion_tokens) == (5, 9)
+    assert _filter_event(USAGE, True, Outcome()) == USAGE
+    mixed = b'data: {"choices":[{"index":0}],"usage":{"prompt_tokens":1,"completion_tokens":2}}\n\n'
+    kept = _filter_event(mixed, False, out)
+    assert kept is not None
+    assert "usage" not in orjson.loads(kept.removeprefix(b"data: "))
+
+
+def test_parse_vllm_metrics() -> None:
+    text = """# HELP vllm:num_requests_running x
+vllm:num_requests_running{engine="0",model_name="m"} 3.0
+vllm:num_requests_running{engine="1",model_name="m"} 2.0
+vllm:num_requests_waiting{model_name="m"} 7
+vllm:kv_cache_usage_perc{model_name="m"} 0.25
+vllm:num_requests_waiting_by_reason{reason="x"} 9
+garbage line
+vllm:kv_cache_usage_perc{model_name="m"} NaN
+"""
+    assert parse_vllm_metrics(text) == {"running": 5.0, "waiting": 7.0, "kv_usage": 0.25}
+
+
+def snap(eid: str, in_flight: int, waiting: int = 0) -> EngineSnapshot:
+    return EngineSnapshot(eid, "r", "m", True, 0, waiting, 0.0, in_flight, 0)
+
+
+def test_least_outstanding_prefers_idle_then_rotates() -> None:
+    info = RequestInfo("r", "t", "a", None, "m", Endpoint.CHAT, 10, None, False, False, 0.0)
+    policy = LeastOutstanding()
+    assert policy.choose(info, [snap("a", 3), snap("b", 1), snap("c", 2)]) == "b"
+    assert policy.choose(info, [snap("a", 1, waiting=4), snap("b", 1)]) == "b"
+    equal = [snap("a", 0), snap("b", 0), snap("c", 0)]
+    assert {policy.choose(info, equal) for _ in range(3)} == {"a", "b", "c"}
