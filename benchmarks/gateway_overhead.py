@@ -1,0 +1,304 @@
+"""What the gateway adds: Fairway (and other proxies) versus straight to the same engines.
+
+Starts two simulated engines (`fairway sim`, separate processes), Fairway in front of them,
+and, where installed, LiteLLM's proxy and vllm-router in front of the same engines. A closed
+loop of C streaming clients (benchmarks/loadgen.py, its own process) runs against each target
+in turn, side by side in one run, in two phases:
+
+- paced: engines at the modelled H100 speed, 64 output tokens per request: the latency a
+  client sees added by the proxy while tokens arrive at a real engine's pace;
+- saturated: engines 1000x faster than the model, 16 output tokens: the proxy is the
+  bottleneck, so requests per second is the highest rate it sustains.
+
+Prints the tables and writes docs/BENCHMARKS.md with the machine it ran on.
+
+    make bench      # or: .venv/bin/python benchmarks/gateway_overhead.py [--quick]
+    # with the others: --litellm /path/to/venv/bin/litellm --vllm-router /path/to/vllm-router
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+MODEL = "llama-3.1-8b"
+KEY = "sk-acme-chat"
+KEY_DIGEST = "d5002616d4be831a64167d670584a8981c06a506b161513ca2dac9175df627d7"
+
+
+@dataclass
+class Phase:
+    name: str
+    time_scale: float
+    max_tokens: int
+    what: str
+
+
+PHASES = [
+    Phase("paced", 1.0, 64, "engines at modelled H100 speed, 64 output tokens"),
+    Phase("saturated", 0.001, 16, "engines 1000x faster than modelled, 16 output tokens"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], within: float = 120.0) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status < 500:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} not ready after {within:.0f}s")
+
+
+@contextlib.contextmanager
+def process(
+    args: list[str], ready: str, log: Path, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    try:
+        wait_ready(ready, proc)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def fairway_config(engines: list[str], path: Path) -> None:
+    lines = [
+        "[logging]",
+        'level = "warning"',
+        "[tenants.acme]",
+        "apps.chat = {}",
+        f'keys = [{{ sha256 = "{KEY_DIGEST}", app = "chat" }}]',
+    ]
+    for url in engines:
+        lines += [f'[[engines.local."{MODEL}"]]', 'kind = "vllm"', f'url = "{url}"']
+    path.write_text("\n".join(lines) + "\n")
+
+
+def litellm_config(engines: list[str], path: Path) -> None:
+    entries = "".join(
+        f"  - model_name: {MODEL}\n"
+        f"    litellm_params:\n"
+        f"      model: hosted_vllm/{MODEL}\n"
+        f"      api_base: {url}/v1\n"
+        f"      api_key: none\n"
+        for url in engines
+    )
+    path.write_text(
+        "model_list:\n" + entries + "litellm_settings:\n  telemetry: false\n"
+        "  drop_params: true\n  turn_off_message_logging: true\n"
+        "general_settings:\n  master_key: " + KEY + "\n"
+    )
+
+
+Starter = Callable[[list[str], Path], contextlib.AbstractContextManager[str]]
+
+
+@contextlib.contextmanager
+def start_fairway(engines: list[str], work: Path) -> Iterator[str]:
+    cfg = work / "fairway.toml"
+    fairway_config(engines, cfg)
+    port = free_port()
+    cmd = [PY, "-m", "gateway.cli", "serve", "--config", str(cfg), "--port", str(port)]
+    url = f"http://127.0.0.1:{port}"
+    with process(cmd, f"{url}/healthz", work / "fairway.log"):
+        yield url
+
+
+def litellm_starter(binary: str) -> Starter:
+    @contextlib.contextmanager
+    def start(engines: list[str], work: Path) -> Iterator[str]:
+        cfg = work / "litellm.yaml"
+        litellm_config(engines, cfg)
+        port = free_port()
+        env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR",
+               "NO_DOCS": "True", "DISABLE_ADMIN_UI": "True"}  # fmt: skip
+        cmd = [binary, "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port),
+               "--num_workers", "1"]  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        with process(cmd, f"{url}/health/liveliness", work / "litellm.log", env):
+            yield url
+
+    return start
+
+
+def vllm_router_starter(binary: str) -> Starter:
+    @contextlib.contextmanager
+    def start(engines: list[str], work: Path) -> Iterator[str]:
+        port = free_port()
+        cmd = [binary, "--host", "127.0.0.1", "--port", str(port), "--policy", "round_robin",
+               "--worker-urls", *engines]  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        with process(cmd, f"{url}/v1/models", work / "vllm-router.log"):
+            yield url
+
+    return start
+
+
+def load(urls: list[str], concurrency: int, phase: Phase, seconds: float) -> dict[str, Any]:
+    cmd = [PY, str(ROOT / "benchmarks" / "loadgen.py"), "--key", KEY, "--model", MODEL,
+           "--concurrency", str(concurrency), "--duration", str(seconds), "--warmup", "2",
+           "--max-tokens", str(phase.max_tokens)]  # fmt: skip
+    for u in urls:
+        cmd += ["--url", u]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=seconds + 120)
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = ""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f", {kb / 2**20:.0f} GiB"
+    return (
+        f"{cpu}, {os.cpu_count()} cores{mem}; {platform.system()} {platform.release()}; "
+        f"Python {platform.python_version()}"
+    )
+
+
+def fmt(v: float) -> str:
+    return f"{v:.2f}" if v < 10 else f"{v:.1f}" if v < 1000 else f"{v:.0f}"
+
+
+def table(rows: list[dict[str, Any]]) -> list[str]:
+    head = ("| clients | target | req/s | TTFT p50 ms | TTFT p99 ms | e2e p50 ms | e2e p99 ms "
+            "| added TTFT p50 ms | errors |")  # fmt: skip
+    out = [head, "|" + "---|" * 9]
+    direct = {r["concurrency"]: r for r in rows if r["target"] == "direct"}
+    for r in rows:
+        base = direct.get(r["concurrency"])
+        added = "" if r["target"] == "direct" or base is None else fmt(
+            r["ttft_p50_ms"] - base["ttft_p50_ms"]
+        )  # fmt: skip
+        out.append(
+            f"| {r['concurrency']} | {r['target']} | {fmt(r['rps'])} | {fmt(r['ttft_p50_ms'])} "
+            f"| {fmt(r['ttft_p99_ms'])} | {fmt(r['e2e_p50_ms'])} | {fmt(r['e2e_p99_ms'])} "
+            f"| {added} | {r['errors']} |"
+        )
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seconds", type=float, default=8.0, help="measured seconds per cell")
+    p.add_argument("--clients", default="1,64,512")
+    p.add_argument("--litellm", default=shutil.which("litellm"), help="litellm CLI to compare")
+    p.add_argument("--vllm-router", default=shutil.which("vllm-router"), help="vllm-router CLI")
+    p.add_argument("--output", default=str(ROOT / "docs" / "BENCHMARKS.md"))
+    p.add_argument("--quick", action="store_true", help="2 s cells, no file written")
+    args = p.parse_args()
+    seconds = 2.0 if args.quick else args.seconds
+    clients = [int(c) for c in args.clients.split(",")]
+    starters: dict[str, Starter] = {"fairway": start_fairway}
+    if args.litellm:
+        starters["litellm"] = litellm_starter(args.litellm)
+    if args.vllm_router:
+        starters["vllm-router"] = vllm_router_starter(args.vllm_router)
+
+    results: dict[str, list[dict[str, Any]]] = {}
+    with tempfile.TemporaryDirectory(prefix="fairway-bench-") as tmp:
+        work = Path(tmp)
+        for phase in PHASES:
+            rows = results.setdefault(phase.name, [])
+            with contextlib.ExitStack() as stack:
+                engines = []
+                for i in range(2):
+                    port = free_port()
+                    cmd = [PY, "-m", "gateway.cli", "sim", "--port", str(port), "--time-scale",
+                           str(phase.time_scale), "--max-num-seqs", "1024", "--seed", str(i)]  # fmt: skip
+                    url = f"http://127.0.0.1:{port}"
+                    stack.enter_context(process(cmd, f"{url}/health", work / f"engine{i}.log"))
+                    engines.append(url)
+                targets: dict[str, list[str]] = {"direct": engines}
+                for name, starter in starters.items():
+                    try:
+                        targets[name] = [stack.enter_context(starter(engines, work))]
+                    except RuntimeError as exc:
+                        print(f"{name}: not measured: {exc}", file=sys.stderr)
+                for c in clients:
+                    for name, urls in targets.items():
+                        r = load(urls, c, phase, seconds)
+                        r["target"] = name
+                        rows.append(r)
+                        print(f"{phase.name:9} c={c:<4} {name:12} rps={r['rps']:8.1f} "
+                              f"ttft p50={r['ttft_p50_ms']:7.2f} ms p99={r['ttft_p99_ms']:7.2f} "
+                              f"e2e p50={r['e2e_p50_ms']:7.1f} ms errors={r['errors']}",
+                              flush=True)  # fmt: skip
+
+    doc = render(results, args, seconds)
+    print("\n".join(doc))
+    if not args.quick:
+        Path(args.output).write_text("\n".join(doc) + "\n")
+        print(f"\nwrote {args.output}")
+
+
+def render(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace, seconds: float) -> list[str]:
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    doc = [
+        "# Benchmarks",
+        "",
+        "## Gateway overhead",
+        "",
+        f"Measured {now} on {machine()}. The engines, the proxy under test and the load",
+        "generator all share this machine's cores, so compare rows of one run with each other;",
+        "the absolute figures are this machine's, not a GPU server's.",
+        "",
+        "Command: `make bench` (that is, `.venv/bin/python benchmarks/gateway_overhead.py"
+        + (f" --litellm ... --vllm-router ...`)." if len(results) and args.litellm else "`)."),
+        "",
+        "Two simulated engines (`fairway sim`, one process each); each target in front of both;",
+        "a closed loop of C clients, each sending one streaming chat request after another",
+        f"(`benchmarks/loadgen.py`), {seconds:.0f} s measured after 2 s of warm-up per cell. TTFT",
+        "is the time to the first SSE event; e2e to `data: [DONE]`. `direct` spreads requests",
+        "over the engines round robin from the client.",
+    ]
+    for phase in PHASES:
+        doc += ["", f"### {phase.name}: {phase.what}", "", *table(results[phase.name])]
+    return doc
+
+
+if __name__ == "__main__":
+    main()
