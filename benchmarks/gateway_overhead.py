@@ -275,7 +275,9 @@ def main() -> None:
         print(f"\nwrote {args.output}")
 
 
-def render(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace, seconds: float) -> list[str]:
+def render(
+    results: dict[str, list[dict[str, Any]]], args: argparse.Namespace, seconds: float
+) -> list[str]:
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     doc = [
         "# Benchmarks",

@@ -107,17 +107,19 @@ class SimEngine:
             if not self.sched.has_work:
                 self._work.clear()
                 await self._work.wait()
+                self._deadline = loop.time()  # idle time is not owed to anyone
             plan = self.sched.schedule()
             if not plan:
                 # Nothing fits; with nothing running this is a prompt larger than the whole
                 # cache, which admission rejects, so wait for the next arrival or abort.
                 self._work.clear()
                 await self._work.wait()
+                self._deadline = loop.time()
                 continue
-            dt = self.perf.step_time(plan.work()) * self.cfg.time_scale
-            now = loop.time()
-            self._deadline = max(self._deadline, now) + dt
-            await asyncio.sleep(max(0.0, self._deadline - now))
+            # Sleep to a running deadline: a step that overslept a coarse timer is paid back
+            # by the next ones, so the modelled rate holds at any time scale.
+            self._deadline += self.perf.step_time(plan.work()) * self.cfg.time_scale
+            await asyncio.sleep(max(0.0, self._deadline - loop.time()))
             self.steps += 1
             for seq in self.sched.complete(plan):
                 stream = self.streams.get(seq.rid)
