@@ -247,8 +247,9 @@ def main() -> None:
                 engines = []
                 for i in range(2):
                     port = free_port()
-                    cmd = [PY, "-m", "gateway.cli", "sim", "--port", str(port), "--time-scale",
-                           str(phase.time_scale), "--max-num-seqs", "1024", "--seed", str(i)]  # fmt: skip
+                    scale = str(phase.time_scale)
+                    cmd = [PY, "-m", "gateway.cli", "sim", "--port", str(port), "--seed", str(i),
+                           "--time-scale", scale, "--max-num-seqs", "1024"]  # fmt: skip
                     url = f"http://127.0.0.1:{port}"
                     stack.enter_context(process(cmd, f"{url}/health", work / f"engine{i}.log"))
                     engines.append(url)
@@ -279,6 +280,11 @@ def render(
     results: dict[str, list[dict[str, Any]]], args: argparse.Namespace, seconds: float
 ) -> list[str]:
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    command = ".venv/bin/python benchmarks/gateway_overhead.py"
+    if args.litellm:
+        command += " --litellm LITELLM"
+    if args.vllm_router:
+        command += " --vllm-router VLLM_ROUTER"
     doc = [
         "# Benchmarks",
         "",
@@ -288,8 +294,7 @@ def render(
         "generator all share this machine's cores, so compare rows of one run with each other;",
         "the absolute figures are this machine's, not a GPU server's.",
         "",
-        "Command: `make bench` (that is, `.venv/bin/python benchmarks/gateway_overhead.py"
-        + (f" --litellm ... --vllm-router ...`)." if len(results) and args.litellm else "`)."),
+        f"Command: `{command}`.",
         "",
         "Two simulated engines (`fairway sim`, one process each); each target in front of both;",
         "a closed loop of C clients, each sending one streaming chat request after another",

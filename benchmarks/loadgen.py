@@ -44,7 +44,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     e2es: list[float] = []
     errors: dict[str, int] = {}
     done = 0
-    loop = asyncio.get_running_loop()
     start = time.perf_counter()
     measure_from = start + args.warmup
     stop_at = measure_from + args.duration
