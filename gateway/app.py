@@ -79,7 +79,14 @@ async def _proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
         principal = gw.keys.authenticate(request.headers.get("Authorization"))
         tenant, app = principal.tenant, principal.app
         try:
-            raw = await request.read()
+            async with asyncio.timeout(gw.cfg.server.body_timeout_s):
+                raw = await request.read()
+        except TimeoutError:
+            raise ApiError(
+                408,
+                f"The request body did not arrive within {gw.cfg.server.body_timeout_s:g} s.",
+                code="request_timeout",
+            ) from None
         except web.HTTPRequestEntityTooLarge:
             raise ApiError(
                 413,

@@ -32,6 +32,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     max_body_bytes: int = 4 * 1024 * 1024
+    body_timeout_s: float = 30.0
     connect_timeout_s: float = 2.0
     request_timeout_s: float = 600.0
     max_attempts: int = 3
@@ -148,6 +149,7 @@ def _server(t: _Table) -> ServerConfig:
         host=t.get("host", str, d.host),
         port=t.integer("port", d.port, ge=0),
         max_body_bytes=t.integer("max_body_bytes", d.max_body_bytes, ge=1024),
+        body_timeout_s=t.number("body_timeout_s", d.body_timeout_s, gt=0),
         connect_timeout_s=t.number("connect_timeout_s", d.connect_timeout_s, gt=0),
         request_timeout_s=t.number("request_timeout_s", d.request_timeout_s, gt=0),
         max_attempts=t.integer("max_attempts", d.max_attempts, ge=1),

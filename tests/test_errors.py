@@ -166,3 +166,19 @@ async def test_no_healthy_engine_is_503_with_retry_after(
             assert err["code"] == "no_healthy_engine"
     async with http.get(server.make_url("/healthz")) as r:
         assert r.status == 503
+
+
+async def test_slow_body_is_408_not_a_hung_connection(start_gateway: Any) -> None:
+    import asyncio
+
+    server, _ = await start_gateway(config_dict(body_timeout_s=0.2))
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        + ACME.encode()
+        + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\""
+    )
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+    assert head.startswith(b"HTTP/1.1 408")
+    writer.close()
