@@ -176,7 +176,7 @@ async def test_slow_body_is_408_not_a_hung_connection(start_gateway: Any) -> Non
     writer.write(
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
         + ACME.encode()
-        + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\""
+        + b'\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"model"'
     )
     await writer.drain()
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
