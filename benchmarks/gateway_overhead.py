@@ -127,23 +127,33 @@ def litellm_config(engines: list[str], path: Path) -> None:
     )
 
 
-Starter = Callable[[list[str], Path], contextlib.AbstractContextManager[str]]
+# A starter runs a proxy in front of the engines and yields (its URL, its process id).
+Starter = Callable[[list[str], Path], contextlib.AbstractContextManager[tuple[str, int]]]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process and its threads (Linux)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextlib.contextmanager
-def start_fairway(engines: list[str], work: Path) -> Iterator[str]:
+def start_fairway(engines: list[str], work: Path) -> Iterator[tuple[str, int]]:
     cfg = work / "fairway.toml"
     fairway_config(engines, cfg)
     port = free_port()
     cmd = [PY, "-m", "gateway.cli", "serve", "--config", str(cfg), "--port", str(port)]
     url = f"http://127.0.0.1:{port}"
-    with process(cmd, f"{url}/healthz", work / "fairway.log"):
-        yield url
+    with process(cmd, f"{url}/healthz", work / "fairway.log") as proc:
+        yield url, proc.pid
 
 
 def litellm_starter(binary: str) -> Starter:
     @contextlib.contextmanager
-    def start(engines: list[str], work: Path) -> Iterator[str]:
+    def start(engines: list[str], work: Path) -> Iterator[tuple[str, int]]:
         cfg = work / "litellm.yaml"
         litellm_config(engines, cfg)
         port = free_port()
@@ -152,21 +162,21 @@ def litellm_starter(binary: str) -> Starter:
         cmd = [binary, "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port),
                "--num_workers", "1"]  # fmt: skip
         url = f"http://127.0.0.1:{port}"
-        with process(cmd, f"{url}/health/liveliness", work / "litellm.log", env):
-            yield url
+        with process(cmd, f"{url}/health/readiness", work / "litellm.log", env) as proc:
+            yield url, proc.pid
 
     return start
 
 
 def vllm_router_starter(binary: str) -> Starter:
     @contextlib.contextmanager
-    def start(engines: list[str], work: Path) -> Iterator[str]:
+    def start(engines: list[str], work: Path) -> Iterator[tuple[str, int]]:
         port = free_port()
         cmd = [binary, "--host", "127.0.0.1", "--port", str(port), "--policy", "round_robin",
                "--worker-urls", *engines]  # fmt: skip
         url = f"http://127.0.0.1:{port}"
-        with process(cmd, f"{url}/v1/models", work / "vllm-router.log"):
-            yield url
+        with process(cmd, f"{url}/health", work / "vllm-router.log") as proc:
+            yield url, proc.pid
 
     return start
 
@@ -205,8 +215,8 @@ def fmt(v: float) -> str:
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
     head = ("| clients | target | req/s | TTFT p50 ms | TTFT p99 ms | e2e p50 ms | e2e p99 ms "
-            "| added TTFT p50 ms | errors |")  # fmt: skip
-    out = [head, "|" + "---|" * 9]
+            "| added TTFT p50 ms | proxy CPU ms/req | errors |")  # fmt: skip
+    out = [head, "|" + "---|" * 10]
     direct = {r["concurrency"]: r for r in rows if r["target"] == "direct"}
     for r in rows:
         base = direct.get(r["concurrency"])
@@ -216,7 +226,7 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
         out.append(
             f"| {r['concurrency']} | {r['target']} | {fmt(r['rps'])} | {fmt(r['ttft_p50_ms'])} "
             f"| {fmt(r['ttft_p99_ms'])} | {fmt(r['e2e_p50_ms'])} | {fmt(r['e2e_p99_ms'])} "
-            f"| {added} | {r['errors']} |"
+            f"| {added} | {'' if r['target'] == 'direct' else fmt(r['cpu_ms'])} | {r['errors']} |"
         )
     return out
 
@@ -253,20 +263,29 @@ def main() -> None:
                     url = f"http://127.0.0.1:{port}"
                     stack.enter_context(process(cmd, f"{url}/health", work / f"engine{i}.log"))
                     engines.append(url)
-                targets: dict[str, list[str]] = {"direct": engines}
+                targets: dict[str, tuple[list[str], int | None]] = {"direct": (engines, None)}
                 for name, starter in starters.items():
                     try:
-                        targets[name] = [stack.enter_context(starter(engines, work))]
+                        url, pid = stack.enter_context(starter(engines, work))
                     except RuntimeError as exc:
                         print(f"{name}: not measured: {exc}", file=sys.stderr)
+                        continue
+                    targets[name] = ([url], pid)
+                    load([url], 4, phase, 1.0)  # warm-up: first requests, connection pools
                 for c in clients:
-                    for name, urls in targets.items():
+                    for name, (urls, pid) in targets.items():
+                        cpu0 = cpu_seconds(pid) if pid else 0.0
                         r = load(urls, c, phase, seconds)
+                        cpu = cpu_seconds(pid) - cpu0 if pid else 0.0
+                        # CPU over the whole run (warm-up too) per measured-rate request.
+                        total = r["rps"] * (seconds + 2)
+                        r["cpu_ms"] = 1000 * cpu / total if pid and total else float("nan")
                         r["target"] = name
                         rows.append(r)
                         print(f"{phase.name:9} c={c:<4} {name:12} rps={r['rps']:8.1f} "
                               f"ttft p50={r['ttft_p50_ms']:7.2f} ms p99={r['ttft_p99_ms']:7.2f} "
-                              f"e2e p50={r['e2e_p50_ms']:7.1f} ms errors={r['errors']}",
+                              f"e2e p50={r['e2e_p50_ms']:7.1f} ms cpu={r['cpu_ms']:.3f} ms/req "
+                              f"errors={r['errors']}",
                               flush=True)  # fmt: skip
 
     doc = render(results, args, seconds)
