@@ -8,7 +8,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import aiohttp
 import structlog
@@ -27,6 +27,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.proxy import Outcome, Proxy
 from gateway.request import INTERACTION_HEADER, Endpoint, measure, parse_body
 from gateway.routing import LeastOutstanding
+from gateway.upstream import UpstreamPool
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -40,7 +41,7 @@ class Gateway:
     metrics: GatewayMetrics
     registry: EngineRegistry
     proxy: Proxy
-    sim_runners: list[web.AppRunner] = field(default_factory=list)
+    probes: aiohttp.ClientSession  # health checks and load scraping
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
@@ -66,6 +67,10 @@ async def openai_errors(
         elif exc.status == 405:
             message = f"Method {request.method} is not allowed on {request.path}"
         return error_response(exc.status, message, headers=headers)
+    except Exception:
+        # A bug, not the client's fault: log it whole, tell the client nothing internal.
+        log.exception("unhandled_error", path=request.path)
+        return error_response(500, "Internal error in the gateway.", code="internal_error")
 
 
 async def _proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
@@ -128,11 +133,11 @@ def _account(
         m.latency.labels(*labels).observe(latency)
         if out.ttft is not None:
             m.ttft.labels(*labels).observe(out.ttft)
-        if out.prompt_tokens:
-            m.prompt_tokens.labels(*labels).inc(out.prompt_tokens)
-        completion = out.completion_tokens
-        if completion is None and out.chunks:
-            completion = out.chunks  # engines that send no usage: about a token per chunk
+        if out.usage.prompt_tokens:
+            m.prompt_tokens.labels(*labels).inc(out.usage.prompt_tokens)
+        completion = out.usage.completion_tokens
+        if completion is None and out.events:
+            completion = out.events  # engines that send no usage: about a token per event
         if completion:
             m.completion_tokens.labels(*labels).inc(completion)
     log.info(
@@ -144,8 +149,8 @@ def _account(
         engine=out.engine,
         status=out.status,
         attempts=out.attempts,
-        prompt_tokens=out.prompt_tokens,
-        completion_tokens=out.completion_tokens,
+        prompt_tokens=out.usage.prompt_tokens,
+        completion_tokens=out.usage.completion_tokens,
         ttft_ms=None if out.ttft is None else round(out.ttft * 1000, 3),
         latency_ms=round(latency * 1000, 3),
     )
@@ -221,13 +226,12 @@ def build_app(cfg: Config) -> web.Application:
                 unhealthy_after=cfg.server.unhealthy_after,
                 healthy_after=cfg.server.healthy_after,
             )
-            session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
-                auto_decompress=False,
-            )
+            # Requests go through the lean pool; probes, rare and tiny, through aiohttp.
+            pool = UpstreamPool(cfg.server.connect_timeout_s, cfg.server.read_timeout_s)
+            session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
             metrics = GatewayMetrics()
-            proxy = Proxy(registry, LeastOutstanding(), session, metrics, cfg.server)
-            gw = Gateway(cfg, KeyRing(cfg.tenants), metrics, registry, proxy, runners)
+            proxy = Proxy(registry, LeastOutstanding(), pool, metrics, cfg.server)
+            gw = Gateway(cfg, KeyRing(cfg.tenants), metrics, registry, proxy, session)
             app[GATEWAY] = gw
 
             def on_change(engine: EngineState, event: str) -> None:
@@ -247,6 +251,7 @@ def build_app(cfg: Config) -> web.Application:
             with contextlib.suppress(asyncio.CancelledError):
                 await health
             await session.close()
+            await pool.close()
         finally:
             for runner in runners:
                 await runner.cleanup()

@@ -34,7 +34,7 @@ class ServerConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     body_timeout_s: float = 30.0
     connect_timeout_s: float = 2.0
-    request_timeout_s: float = 600.0
+    read_timeout_s: float = 300.0
     max_attempts: int = 3
     health_interval_s: float = 2.0
     health_timeout_s: float = 1.0
@@ -151,7 +151,7 @@ def _server(t: _Table) -> ServerConfig:
         max_body_bytes=t.integer("max_body_bytes", d.max_body_bytes, ge=1024),
         body_timeout_s=t.number("body_timeout_s", d.body_timeout_s, gt=0),
         connect_timeout_s=t.number("connect_timeout_s", d.connect_timeout_s, gt=0),
-        request_timeout_s=t.number("request_timeout_s", d.request_timeout_s, gt=0),
+        read_timeout_s=t.number("read_timeout_s", d.read_timeout_s, gt=0),
         max_attempts=t.integer("max_attempts", d.max_attempts, ge=1),
         health_interval_s=t.number("health_interval_s", d.health_interval_s, gt=0),
         health_timeout_s=t.number("health_timeout_s", d.health_timeout_s, gt=0),

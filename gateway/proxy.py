@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import orjson
 import structlog
 from aiohttp import web
+from aiohttp.http import StreamWriter
 
 from engines.protocol import SSE_DONE, error_body, sse_event, sse_headers
 from engines.registry import EngineRegistry, EngineState
@@ -26,9 +25,10 @@ from gateway.errors import ApiError
 from gateway.metrics import GatewayMetrics
 from gateway.request import RequestInfo
 from gateway.routing import RoutingPolicy
+from gateway.sse import SseRelay, Usage
+from gateway.upstream import ConnectFailed, Exchange, ReadTimeout, UpstreamError, UpstreamPool
 
 CLIENT_CLOSED = 499  # nginx's status for a client that closed the connection first
-MAX_ERROR_BODY = 64 * 1024
 
 
 @dataclass(slots=True)
@@ -38,54 +38,13 @@ class Outcome:
     engine: str = "-"
     status: int = 0
     attempts: int = 0
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    chunks: int = 0
+    usage: Usage = field(default_factory=Usage)
+    events: int = 0
     ttft: float | None = None
 
 
 class _TryNext(Exception):
     """This engine failed before sending anything; another one may serve the request."""
-
-
-class _ClientGone(Exception):
-    """The client closed its connection while we were writing to it."""
-
-
-async def _write(resp: web.StreamResponse, data: bytes) -> None:
-    # aiohttp raises ClientConnectionResetError (a ClientConnectionError too) when the
-    # client's socket is gone; tell it apart from an engine failing.
-    try:
-        await resp.write(data)
-    except ConnectionResetError as exc:
-        raise _ClientGone from exc
-
-
-def _read_usage(obj: Any, out: Outcome) -> None:
-    usage = obj.get("usage") if isinstance(obj, dict) else None
-    if isinstance(usage, dict):
-        p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        if isinstance(p, int):
-            out.prompt_tokens = p
-        if isinstance(c, int):
-            out.completion_tokens = c
-
-
-def _filter_event(event: bytes, client_usage: bool, out: Outcome) -> bytes | None:
-    """Record usage from an SSE event; hide it from a client that did not ask for it."""
-    if b'"usage":{' not in event and b'"usage": {' not in event:
-        return event
-    try:
-        obj = orjson.loads(event.removeprefix(b"data:").strip())
-    except orjson.JSONDecodeError:
-        return event
-    _read_usage(obj, out)
-    if client_usage or not isinstance(obj, dict):
-        return event
-    if not obj.get("choices"):
-        return None  # the usage-only chunk we asked for on the client's behalf
-    obj.pop("usage", None)
-    return sse_event(obj)
 
 
 def _upstream_error(status: int, raw: bytes) -> ApiError:
@@ -109,19 +68,16 @@ class Proxy:
         self,
         registry: EngineRegistry,
         policy: RoutingPolicy,
-        session: aiohttp.ClientSession,
+        pool: UpstreamPool,
         metrics: GatewayMetrics,
         server: ServerConfig,
     ) -> None:
         self.registry = registry
         self.policy = policy
-        self.session = session
+        self.pool = pool
         self.metrics = metrics
         self.server = server
         self.log = structlog.get_logger("fairway.proxy")
-        self.timeout = aiohttp.ClientTimeout(
-            total=server.request_timeout_s, sock_connect=server.connect_timeout_s
-        )
 
     def _no_engine(self, model: str, tried: int) -> ApiError:
         why = f"after {tried} failed attempt(s)" if tried else "right now"
@@ -169,41 +125,36 @@ class Proxy:
         engine.in_flight_prompt_tokens += info.prompt_tokens
         try:
             try:
-                upstream = await self.session.post(
-                    engine.url + info.endpoint.path,
-                    data=payload,
-                    headers=headers,
-                    timeout=self.timeout,
-                )
-            except (aiohttp.ClientConnectionError, aiohttp.ConnectionTimeoutError) as exc:
+                ex = await self.pool.request(engine.url, info.endpoint.path, payload, headers)
+            except ConnectFailed as exc:
                 self._connect_failed(engine, exc)
                 raise _TryNext from exc
-            except TimeoutError:
+            except ReadTimeout:
                 out.status = 504
+                self.metrics.upstream_errors.labels(info.model, engine.id, "timeout").inc()
                 raise ApiError(
                     504, f"engine {engine.id} did not answer in time", code="upstream_timeout"
                 ) from None
+            except UpstreamError as exc:
+                self.metrics.upstream_errors.labels(info.model, engine.id, "protocol").inc()
+                raise ApiError(
+                    502, f"engine {engine.id} failed: {exc}", code="upstream_error"
+                ) from None
             try:
-                if upstream.status >= 500:
+                if ex.status >= 500:
                     self.metrics.upstream_errors.labels(info.model, engine.id, "http_5xx").inc()
                     self.log.warning(
-                        "engine_error", engine=engine.id, status=upstream.status, request_id=info.id
+                        "engine_error", engine=engine.id, status=ex.status, request_id=info.id
                     )
                     raise _TryNext
-                if upstream.status != 200:
-                    raw = await upstream.content.read(MAX_ERROR_BODY)
-                    out.status = upstream.status
-                    raise _upstream_error(upstream.status, raw)
+                if ex.status != 200:
+                    out.status = ex.status
+                    raise _upstream_error(ex.status, await self._read(ex, info, engine, out))
                 if info.stream:
-                    return await self._relay_stream(request, info, engine, upstream, out)
-                return await self._relay_whole(info, engine, upstream, out)
+                    return await self._relay_stream(request, info, engine, ex, out)
+                return await self._relay_whole(info, engine, ex, out)
             finally:
-                # close(), not release(): an unfinished body must not go back to the pool,
-                # and dropping the connection is how the engine learns to abort.
-                if upstream.content.at_eof():
-                    upstream.release()
-                else:
-                    upstream.close()
+                self.pool.done_with(ex)
         finally:
             engine.in_flight -= 1
             engine.in_flight_prompt_tokens -= info.prompt_tokens
@@ -212,29 +163,30 @@ class Proxy:
         self.metrics.upstream_errors.labels(engine.model, engine.id, "connect").inc()
         if self.registry.connect_failed(engine):
             self.metrics.engine_healthy.labels(engine.model, engine.id, engine.region).set(0)
-            self.log.warning("engine_ejected", engine=engine.id, reason=repr(exc))
+            self.log.warning("engine_ejected", engine=engine.id, reason=str(exc))
 
-    async def _relay_whole(
-        self,
-        info: RequestInfo,
-        engine: EngineState,
-        upstream: aiohttp.ClientResponse,
-        out: Outcome,
-    ) -> web.Response:
+    async def _read(
+        self, ex: Exchange, info: RequestInfo, engine: EngineState, out: Outcome
+    ) -> bytes:
         try:
-            raw = await upstream.read()
-            obj = orjson.loads(raw)
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+            return await ex.read()
+        except UpstreamError as exc:
             self._mid_stream_failure(info, engine, exc, out)
             raise ApiError(
                 502, f"engine {engine.id} failed mid-response", code="upstream_error"
             ) from None
+
+    async def _relay_whole(
+        self, info: RequestInfo, engine: EngineState, ex: Exchange, out: Outcome
+    ) -> web.Response:
+        raw = await self._read(ex, info, engine, out)
+        try:
+            out.usage.read(orjson.loads(raw))
         except orjson.JSONDecodeError:
             self.metrics.upstream_errors.labels(info.model, engine.id, "bad_body").inc()
             raise ApiError(
                 502, f"engine {engine.id} sent an invalid body", code="upstream_error"
             ) from None
-        _read_usage(obj, out)
         out.status = 200
         return web.Response(
             body=raw,
@@ -247,54 +199,62 @@ class Proxy:
         request: web.Request,
         info: RequestInfo,
         engine: EngineState,
-        upstream: aiohttp.ClientResponse,
+        ex: Exchange,
         out: Outcome,
     ) -> web.StreamResponse:
         resp = web.StreamResponse(
             headers={**sse_headers(), "X-Request-Id": info.id, "X-Fairway-Engine": engine.id}
         )
         try:
-            try:
-                await resp.prepare(request)
-            except ConnectionResetError as exc:
-                raise _ClientGone from exc
-            buf = b""
-            async for data in upstream.content.iter_any():
-                buf += data
-                events: list[bytes] = []
-                while (end := buf.find(b"\n\n")) != -1:
-                    event = buf[: end + 2]
-                    buf = buf[end + 2 :]
-                    kept = _filter_event(event, info.include_usage, out)
-                    if kept is not None:
-                        events.append(kept)
-                if not events:
-                    continue
-                if out.ttft is None:
-                    out.ttft = time.perf_counter() - info.arrival
-                out.chunks += len(events)
-                await _write(resp, b"".join(events) if len(events) > 1 else events[0])
-            if buf.strip():
-                await _write(resp, buf)
-            out.status = 200
-            await resp.write_eof()
-        except _ClientGone:
+            await resp.prepare(request)
+        except ConnectionResetError:
             out.status = CLIENT_CLOSED
+            return resp
+        writer, transport = request.writer, request.transport
+        if transport is None or transport.is_closing():
+            out.status = CLIENT_CLOSED
+            return resp
+        # Headers go out now; body chunks are then written straight to the socket.
+        if isinstance(writer, StreamWriter):
+            writer.send_headers()
+        relay = SseRelay(transport, info, ex, out.usage)
+        ex.stream(relay.feed)
+        try:
+            while True:
+                await relay.wait()
+                if relay.paused and not relay.client_gone:
+                    await writer.drain()
+                    relay.paused = False
+                    ex.resume()
+                    continue
+                break
         except asyncio.CancelledError:
             out.status = CLIENT_CLOSED
+            ex.abort()
             raise
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+        finally:
+            out.ttft, out.events = relay.ttft, relay.events
+        if relay.client_gone:
+            out.status = CLIENT_CLOSED
+            return resp
+        exc = ex.done.exception()
+        if exc is None:
+            relay.flush()
+            out.status = 200
+        else:
             self._mid_stream_failure(info, engine, exc, out)
             message = f"engine {engine.id} failed mid-stream"
-            event = sse_event(error_body(502, message, code="upstream_error"))
-            with contextlib.suppress(ConnectionResetError):
-                await resp.write(event + SSE_DONE)
+            relay.write(sse_event(error_body(502, message, code="upstream_error")) + SSE_DONE)
+        with contextlib.suppress(ConnectionResetError):
+            await resp.write_eof()
         return resp
 
     def _mid_stream_failure(
         self, info: RequestInfo, engine: EngineState, exc: BaseException, out: Outcome
     ) -> None:
         out.status = 502
-        self.metrics.upstream_errors.labels(info.model, engine.id, "mid_stream").inc()
-        self.log.warning("engine_failed_mid_stream", engine=engine.id, request_id=info.id,
-                         reason=repr(exc))  # fmt: skip
+        kind = "timeout" if isinstance(exc, ReadTimeout) else "mid_stream"
+        self.metrics.upstream_errors.labels(info.model, engine.id, kind).inc()
+        self.log.warning(
+            "engine_failed_mid_stream", engine=engine.id, request_id=info.id, reason=str(exc)
+        )

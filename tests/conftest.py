@@ -9,6 +9,7 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+import uvloop
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
@@ -50,6 +51,11 @@ def config_dict(engines: dict[str, Any] | None = None, **server: Any) -> dict[st
 
 
 GatewayFactory = Callable[..., Any]
+
+
+def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Any]:
+    """Tests run on uvloop, as `fairway serve` does."""
+    return {"uvloop": uvloop.new_event_loop}
 
 
 @pytest.fixture

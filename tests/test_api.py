@@ -147,3 +147,11 @@ async def test_client_key_is_not_forwarded(gateway: Served, http: aiohttp.Client
         assert config_dict()  # the shared fixture config is untouched
     finally:
         await runner.cleanup()
+
+
+async def test_suite_runs_on_uvloop() -> None:
+    import asyncio
+
+    import uvloop
+
+    assert isinstance(asyncio.get_running_loop(), uvloop.Loop)

@@ -109,7 +109,7 @@ async def test_failover_to_live_engine_and_readmission(start_gateway: Any) -> No
         # The engine comes up; the next probe re-admits it and it takes traffic again.
         revived, _ = await start_sim(port=port)
         try:
-            await probe(gw.registry, dead_state, gw.proxy.session, 1.0, lambda e, ev: None)
+            await probe(gw.registry, dead_state, gw.probes, 1.0, lambda e, ev: None)
             assert dead_state.healthy
             seen = set()
             for _ in range(4):

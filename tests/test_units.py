@@ -10,9 +10,9 @@ from engines.registry import EngineSnapshot
 from gateway.auth import KeyRing, digest
 from gateway.config import TenantConfig
 from gateway.errors import ApiError
-from gateway.proxy import Outcome, _filter_event
 from gateway.request import Endpoint, RequestInfo
 from gateway.routing import LeastOutstanding
+from gateway.sse import Usage, filter_event
 
 
 def test_keyring_resolves_tenant_and_app() -> None:
@@ -30,13 +30,13 @@ TOKEN = b'data: {"id":"x","choices":[{"index":0,"delta":{"content":"a"}}]}\n\n'
 
 
 def test_usage_chunk_recorded_and_hidden_unless_asked() -> None:
-    out = Outcome()
-    assert _filter_event(TOKEN, False, out) == TOKEN
-    assert _filter_event(USAGE, False, out) is None
+    out = Usage()
+    assert filter_event(TOKEN, False, out) == TOKEN
+    assert filter_event(USAGE, False, out) is None
     assert (out.prompt_tokens, out.completion_tokens) == (5, 9)
-    assert _filter_event(USAGE, True, Outcome()) == USAGE
+    assert filter_event(USAGE, True, Usage()) == USAGE
     mixed = b'data: {"choices":[{"index":0}],"usage":{"prompt_tokens":1,"completion_tokens":2}}\n\n'
-    kept = _filter_event(mixed, False, out)
+    kept = filter_event(mixed, False, out)
     assert kept is not None
     assert "usage" not in orjson.loads(kept.removeprefix(b"data: "))
 

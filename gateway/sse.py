@@ -1,0 +1,131 @@
+"""Relaying an engine's SSE stream to the client, one engine read at a time.
+
+`SseRelay.feed` runs inside the upstream connection's `data_received`: it cuts the bytes at
+the last complete event, records usage, hides the usage chunk from a client that did not ask
+for it, and writes the rest to the client's socket as one HTTP chunk. No buffering beyond an
+incomplete event, no task switch per token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import orjson
+
+from engines.protocol import sse_event
+from gateway.request import RequestInfo
+from gateway.upstream import Exchange
+
+# Above this many bytes queued for a slow client, stop reading from the engine until it drains.
+HIGH_WATER = 256 * 1024
+
+
+class Usage:
+    __slots__ = ("completion_tokens", "prompt_tokens")
+
+    def __init__(self) -> None:
+        self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
+
+    def read(self, obj: Any) -> None:
+        usage = obj.get("usage") if isinstance(obj, dict) else None
+        if isinstance(usage, dict):
+            p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            if isinstance(p, int):
+                self.prompt_tokens = p
+            if isinstance(c, int):
+                self.completion_tokens = c
+
+
+def filter_event(event: bytes, client_usage: bool, usage: Usage) -> bytes | None:
+    """Record usage from one SSE event; hide it from a client that did not ask for it."""
+    if b'"usage":{' not in event and b'"usage": {' not in event:
+        return event
+    try:
+        obj = orjson.loads(event.removeprefix(b"data:").strip())
+    except orjson.JSONDecodeError:
+        return event
+    usage.read(obj)
+    if client_usage or not isinstance(obj, dict):
+        return event
+    if not obj.get("choices"):
+        return None  # the usage-only chunk we asked for on the client's behalf
+    obj.pop("usage", None)
+    return sse_event(obj)
+
+
+def filter_events(block: bytes, client_usage: bool, usage: Usage) -> bytes:
+    kept = (filter_event(e + b"\n\n", client_usage, usage) for e in block.split(b"\n\n") if e)
+    return b"".join(e for e in kept if e is not None)
+
+
+class SseRelay:
+    """The sink an upstream exchange streams into; see the module docstring."""
+
+    def __init__(
+        self, transport: asyncio.Transport, info: RequestInfo, exchange: Exchange, usage: Usage
+    ) -> None:
+        self.transport = transport
+        self.info = info
+        self.exchange = exchange
+        self.usage = usage
+        self.pending = b""
+        self.events = 0
+        self.ttft: float | None = None
+        self.client_gone = False
+        self.paused = False
+        self.waiter: asyncio.Future[None] | None = None
+
+    def feed(self, data: bytes) -> None:
+        if self.pending:
+            data = self.pending + data
+        end = data.rfind(b"\n\n") + 2
+        if end == 1:  # no complete event yet
+            self.pending = data
+            return
+        if end == len(data):
+            self.pending = b""
+        else:
+            data, self.pending = data[:end], data[end:]
+        if b'"usage"' in data:
+            data = filter_events(data, self.info.include_usage, self.usage)
+            if not data:
+                return
+        if self.ttft is None:
+            self.ttft = time.perf_counter() - self.info.arrival
+        self.events += data.count(b"\n\n")
+        self.write(data)
+
+    def write(self, data: bytes) -> None:
+        """Write `data` as one HTTP/1.1 chunk of the client's response."""
+        t = self.transport
+        if t.is_closing():
+            self.client_gone = True
+            self.exchange.abort()  # the engine sees the connection drop and aborts
+            self._wake()
+            return
+        t.write(b"%x\r\n%b\r\n" % (len(data), data))
+        if not self.paused and t.get_write_buffer_size() > HIGH_WATER:
+            self.paused = True
+            self.exchange.pause()
+            self._wake()
+
+    def flush(self) -> None:
+        """Whatever is left after the engine's last byte (a final event without a blank line)."""
+        if self.pending.strip():
+            data, self.pending = self.pending, b""
+            self.write(data)
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def wait(self) -> None:
+        """Until the exchange ends, or the relay needs the client to drain."""
+        if self.paused or self.client_gone or self.exchange.done.done():
+            return
+        self.waiter = asyncio.get_running_loop().create_future()
+        await asyncio.wait((self.exchange.done, self.waiter), return_when=asyncio.FIRST_COMPLETED)
+        self.waiter = None
