@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import os
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
@@ -30,6 +31,9 @@ from gateway.routing import LeastOutstanding
 from gateway.upstream import UpstreamPool
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# Request ids: a random per-process prefix and a counter, unique across gateway replicas
+# without a random draw per request.
+_request_ids = (f"{os.urandom(6).hex()}-{n:x}" for n in itertools.count(1))
 
 
 @dataclass(slots=True)
@@ -77,15 +81,18 @@ async def _proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
     gw = request.app[GATEWAY]
     arrival = time.perf_counter()
     given = request.headers.get("X-Request-Id", "")
-    rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+    rid = given if given and _REQUEST_ID.match(given) else next(_request_ids)
     out = Outcome()
     tenant = app = model = "-"
     try:
         principal = gw.keys.authenticate(request.headers.get("Authorization"))
         tenant, app = principal.tenant, principal.app
         try:
-            async with asyncio.timeout(gw.cfg.server.body_timeout_s):
+            if request.content.is_eof():  # the usual case: the body came with the headers
                 raw = await request.read()
+            else:
+                async with asyncio.timeout(gw.cfg.server.body_timeout_s):
+                    raw = await request.read()
         except TimeoutError:
             raise ApiError(
                 408,
