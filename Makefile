@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fairway-installed
 
-.PHONY: setup serve test lint typecheck pytest bench clean
+.PHONY: setup serve test lint typecheck pytest bench bench-all clean
 
 setup: $(STAMP)
 
@@ -34,5 +34,20 @@ test: lint typecheck pytest
 bench: setup
 	$(BIN)/python benchmarks/gateway_overhead.py
 
+# The same benchmark with LiteLLM's proxy and vllm-router in front of the same engines, each
+# installed from PyPI into its own virtualenv under .bench/.
+OTHERS := .bench
+bench-all: setup $(OTHERS)/litellm/bin/litellm $(OTHERS)/vllm-router/bin/vllm-router
+	$(BIN)/python benchmarks/gateway_overhead.py --litellm $(OTHERS)/litellm/bin/litellm \
+		--vllm-router $(OTHERS)/vllm-router/bin/vllm-router
+
+$(OTHERS)/litellm/bin/litellm:
+	$(PYTHON) -m venv $(OTHERS)/litellm
+	$(OTHERS)/litellm/bin/pip install --quiet 'litellm[proxy]'
+
+$(OTHERS)/vllm-router/bin/vllm-router:
+	$(PYTHON) -m venv $(OTHERS)/vllm-router
+	$(OTHERS)/vllm-router/bin/pip install --quiet vllm-router
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(OTHERS) .pytest_cache .mypy_cache .ruff_cache *.egg-info

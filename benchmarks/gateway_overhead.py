@@ -112,18 +112,21 @@ def fairway_config(engines: list[str], path: Path) -> None:
 
 
 def litellm_config(engines: list[str], path: Path) -> None:
+    """LiteLLM's proxy at its leanest: no database, no callbacks, no spend or message logs,
+    and nothing fetched from the internet (a tokenizer download would stall it)."""
     entries = "".join(
         f"  - model_name: {MODEL}\n"
-        f"    litellm_params:\n"
-        f"      model: hosted_vllm/{MODEL}\n"
-        f"      api_base: {url}/v1\n"
-        f"      api_key: none\n"
+        f"    litellm_params: {{model: hosted_vllm/{MODEL}, api_base: {url}/v1, api_key: none}}\n"
         for url in engines
     )
     path.write_text(
-        "model_list:\n" + entries + "litellm_settings:\n  telemetry: false\n"
-        "  drop_params: true\n  turn_off_message_logging: true\n"
-        "general_settings:\n  master_key: " + KEY + "\n"
+        "model_list:\n" + entries + "router_settings:\n  routing_strategy: simple-shuffle\n"
+        "litellm_settings:\n  drop_params: true\n  disable_hf_tokenizer_download: true\n"
+        "  set_verbose: false\n  turn_off_message_logging: true\n"
+        "  disable_end_user_cost_tracking: true\n  request_timeout: 600\n  num_retries: 0\n"
+        "  callbacks: []\n  success_callback: []\n  failure_callback: []\n"
+        "general_settings:\n  master_key: " + KEY + "\n  disable_spend_logs: true\n"
+        "  disable_error_logs: true\n  disable_reset_budget: true\n"
     )
 
 
@@ -158,7 +161,8 @@ def litellm_starter(binary: str) -> Starter:
         litellm_config(engines, cfg)
         port = free_port()
         env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR",
-               "NO_DOCS": "True", "DISABLE_ADMIN_UI": "True"}  # fmt: skip
+               "LITELLM_LOCAL_BLOG_POSTS": "True", "NO_DOCS": "True",
+               "DISABLE_ADMIN_UI": "True"}  # fmt: skip
         cmd = [binary, "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port),
                "--num_workers", "1"]  # fmt: skip
         url = f"http://127.0.0.1:{port}"
@@ -173,7 +177,8 @@ def vllm_router_starter(binary: str) -> Starter:
     def start(engines: list[str], work: Path) -> Iterator[tuple[str, int]]:
         port = free_port()
         cmd = [binary, "--host", "127.0.0.1", "--port", str(port), "--policy", "round_robin",
-               "--worker-urls", *engines]  # fmt: skip
+               "--prometheus-port", str(free_port()), "--worker-startup-check-interval", "1",
+               "--log-level", "error", "--worker-urls", *engines]  # fmt: skip
         url = f"http://127.0.0.1:{port}"
         with process(cmd, f"{url}/health", work / "vllm-router.log") as proc:
             yield url, proc.pid
@@ -285,6 +290,7 @@ def main() -> None:
                         print(f"{phase.name:9} c={c:<4} {name:12} rps={r['rps']:8.1f} "
                               f"ttft p50={r['ttft_p50_ms']:7.2f} ms p99={r['ttft_p99_ms']:7.2f} "
                               f"e2e p50={r['e2e_p50_ms']:7.1f} ms cpu={r['cpu_ms']:.3f} ms/req "
+                              f"events/req={r['events_per_request']:.1f} "
                               f"errors={r['errors']}",
                               flush=True)  # fmt: skip
 

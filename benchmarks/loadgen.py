@@ -44,6 +44,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     e2es: list[float] = []
     errors: dict[str, int] = {}
     done = 0
+    events = 0
     start = time.perf_counter()
     measure_from = start + args.warmup
     stop_at = measure_from + args.duration
@@ -54,10 +55,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             errors[kind] = errors.get(kind, 0) + 1
 
     async def client(session: aiohttp.ClientSession) -> None:
-        nonlocal done
+        nonlocal done, events
         while (t0 := time.perf_counter()) < stop_at:
             ttft = None
             finished = False
+            n = 0
             try:
                 async with session.post(next(urls), data=body, headers=headers) as resp:
                     if resp.status != 200:
@@ -66,8 +68,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         await asyncio.sleep(0.05)
                         continue
                     async for line in resp.content:
-                        if ttft is None and line.startswith(b"data: {"):
-                            ttft = time.perf_counter() - t0
+                        if line.startswith(b"data: {"):
+                            n += 1
+                            if ttft is None:
+                                ttft = time.perf_counter() - t0
                         elif line.startswith(b"data: [DONE]"):
                             finished = True
             except (aiohttp.ClientError, TimeoutError) as exc:
@@ -81,6 +85,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 ttfts.append(ttft)
                 e2es.append(end - t0)
                 done += 1
+                events += n
 
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
@@ -94,6 +99,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "ttft_p99_ms": percentile(ttfts, 99) * ms,
         "e2e_p50_ms": percentile(e2es, 50) * ms,
         "e2e_p99_ms": percentile(e2es, 99) * ms,
+        "events_per_request": events / done if done else 0.0,
         "errors": sum(errors.values()),
         "error_kinds": errors,
     }
