@@ -298,18 +298,17 @@ def main() -> None:
     print("\n".join(doc))
     if not args.quick:
         Path(args.output).write_text("\n".join(doc) + "\n")
-        print(f"\nwrote {args.output}")
+        raw = Path(args.output).with_name("gateway_overhead.json")
+        raw.write_text(json.dumps({"machine": machine(), "seconds": seconds,
+                                   "results": results}, indent=1) + "\n")  # fmt: skip
+        print(f"\nwrote {args.output} and {raw}")
 
 
 def render(
     results: dict[str, list[dict[str, Any]]], args: argparse.Namespace, seconds: float
 ) -> list[str]:
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    command = ".venv/bin/python benchmarks/gateway_overhead.py"
-    if args.litellm:
-        command += " --litellm LITELLM"
-    if args.vllm_router:
-        command += " --vllm-router VLLM_ROUTER"
+    command = "make bench-all" if args.litellm and args.vllm_router else "make bench"
     doc = [
         "# Benchmarks",
         "",
@@ -325,11 +324,61 @@ def render(
         "a closed loop of C clients, each sending one streaming chat request after another",
         f"(`benchmarks/loadgen.py`), {seconds:.0f} s measured after 2 s of warm-up per cell. TTFT",
         "is the time to the first SSE event; e2e to `data: [DONE]`. `direct` spreads requests",
-        "over the engines round robin from the client.",
+        "over the engines round robin from the client. Proxy CPU is the proxy process's user",
+        "and system time over the cell divided by the requests it served. LiteLLM runs with one",
+        "worker, no database and no callbacks; vllm-router with round robin.",
+        "",
+        "### Summary",
+        "",
+        *summary(results),
     ]
     for phase in PHASES:
         doc += ["", f"### {phase.name}: {phase.what}", "", *table(results[phase.name])]
     return doc
+
+
+def summary(results: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The figures the foundation issue sets targets for, read off the tables."""
+
+    def cell(phase: str, target: str, clients: int) -> dict[str, Any] | None:
+        rows = results.get(phase, [])
+        return next((r for r in rows if r["target"] == target and r["concurrency"] == clients),
+                    None)  # fmt: skip
+
+    out = []
+    direct, fairway = cell("paced", "direct", 64), cell("paced", "fairway", 64)
+    if direct and fairway:
+        added = fairway["ttft_p50_ms"] - direct["ttft_p50_ms"]
+        verdict = "met" if added < 2 else "not met"
+        p99 = fairway["ttft_p99_ms"] - direct["ttft_p99_ms"]
+        out.append(f"- Added p50 TTFT at 64 paced streams: {added:.2f} ms (target under 2 ms: "
+                   f"{verdict}); added p99 {p99:+.2f} ms.")  # fmt: skip
+    for phase in ("paced", "saturated"):
+        fw = cell(phase, "fairway", 512)
+        if fw:
+            out.append(f"- Errors through Fairway at 512 {phase} streams: {fw['errors']} "
+                       "(target: none).")  # fmt: skip
+    names = sorted({r["target"] for r in results.get("saturated", [])} - {"direct"})
+    for clients in (64, 512):
+        base = cell("saturated", "direct", clients)
+        if not base or not base["rps"]:
+            continue
+        parts = []
+        for name in names:
+            r = cell("saturated", name, clients)
+            if r:
+                parts.append(f"{name} {r['rps']:.0f} req/s ({r['rps'] / base['rps']:.2f}x)")
+        out.append(f"- Highest sustained rate, {clients} saturated streams, against direct "
+                   f"{base['rps']:.0f} req/s: " + ", ".join(parts) + ".")  # fmt: skip
+    parts = []
+    for name in names:
+        r = cell("paced", name, 64)
+        if r:
+            parts.append(f"{name} {r['cpu_ms']:.2f} ms")
+    if parts:
+        out.append("- Proxy CPU per request at 64 paced streams (64 tokens each): "
+                   + ", ".join(parts) + ".")  # fmt: skip
+    return out
 
 
 if __name__ == "__main__":
