@@ -192,9 +192,10 @@ def load(urls: list[str], concurrency: int, phase: Phase, seconds: float) -> dic
            "--max-tokens", str(phase.max_tokens)]  # fmt: skip
     for u in urls:
         cmd += ["--url", u]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=seconds + 120)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=seconds + 300)
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
-    return result
+    # No request completed in the window: percentiles are undefined (JSON null).
+    return {k: float("nan") if v is None else v for k, v in result.items()}
 
 
 def machine() -> str:
@@ -215,6 +216,8 @@ def machine() -> str:
 
 
 def fmt(v: float) -> str:
+    if v != v:  # NaN: nothing completed
+        return "n/a"
     return f"{v:.2f}" if v < 10 else f"{v:.1f}" if v < 1000 else f"{v:.0f}"
 
 
@@ -291,7 +294,7 @@ def main() -> None:
                               f"ttft p50={r['ttft_p50_ms']:7.2f} ms p99={r['ttft_p99_ms']:7.2f} "
                               f"e2e p50={r['e2e_p50_ms']:7.1f} ms cpu={r['cpu_ms']:.3f} ms/req "
                               f"events/req={r['events_per_request']:.1f} "
-                              f"errors={r['errors']}",
+                              f"errors={r['errors']} {r['error_kinds'] or ''}",
                               flush=True)  # fmt: skip
 
     doc = render(results, args, seconds)

@@ -8,8 +8,8 @@ import itertools
 import os
 import re
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field, replace
 
 import aiohttp
 import structlog
@@ -31,9 +31,13 @@ from gateway.routing import LeastOutstanding
 from gateway.upstream import UpstreamPool
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-# Request ids: a random per-process prefix and a counter, unique across gateway replicas
-# without a random draw per request.
-_request_ids = (f"{os.urandom(6).hex()}-{n:x}" for n in itertools.count(1))
+
+
+def request_ids() -> Iterator[str]:
+    """A random per-process prefix and a counter: unique across gateway replicas without a
+    random draw per request."""
+    prefix = os.urandom(6).hex()
+    return (f"{prefix}-{n:x}" for n in itertools.count(1))
 
 
 @dataclass(slots=True)
@@ -46,6 +50,7 @@ class Gateway:
     registry: EngineRegistry
     proxy: Proxy
     probes: aiohttp.ClientSession  # health checks and load scraping
+    ids: Iterator[str] = field(default_factory=request_ids)
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
@@ -81,7 +86,7 @@ async def _proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
     gw = request.app[GATEWAY]
     arrival = time.perf_counter()
     given = request.headers.get("X-Request-Id", "")
-    rid = given if given and _REQUEST_ID.match(given) else next(_request_ids)
+    rid = given if given and _REQUEST_ID.match(given) else next(gw.ids)
     out = Outcome()
     tenant = app = model = "-"
     try:

@@ -36,7 +36,7 @@ class GatewayMetrics:
         )  # fmt: skip
         self.upstream_errors = Counter(
             "fairway_upstream_errors", "Failed attempts to reach or use an engine.",
-            ["model", "engine", "kind"], registry=reg,
+            [*tme, "kind"], registry=reg,
         )  # fmt: skip
         self.rejected = Counter(
             "fairway_rejected_requests",

@@ -47,7 +47,7 @@ class _TryNext(Exception):
     """This engine failed before sending anything; another one may serve the request."""
 
 
-def _upstream_error(status: int, raw: bytes) -> ApiError:
+def _engine_rejection(status: int, raw: bytes) -> ApiError:
     """An engine's 4xx, reshaped as OpenAI's error body where it is not one already."""
     message, param, code = raw.decode(errors="replace")[:2000] or "engine error", None, None
     try:
@@ -127,29 +127,29 @@ class Proxy:
             try:
                 ex = await self.pool.request(engine.url, info.endpoint.path, payload, headers)
             except ConnectFailed as exc:
-                self._connect_failed(engine, exc)
+                self._connect_failed(info, engine, exc)
                 raise _TryNext from exc
             except ReadTimeout:
                 out.status = 504
-                self.metrics.upstream_errors.labels(info.model, engine.id, "timeout").inc()
+                self._count_error(info, engine, "timeout")
                 raise ApiError(
                     504, f"engine {engine.id} did not answer in time", code="upstream_timeout"
                 ) from None
             except UpstreamError as exc:
-                self.metrics.upstream_errors.labels(info.model, engine.id, "protocol").inc()
+                self._count_error(info, engine, "protocol")
                 raise ApiError(
                     502, f"engine {engine.id} failed: {exc}", code="upstream_error"
                 ) from None
             try:
                 if ex.status >= 500:
-                    self.metrics.upstream_errors.labels(info.model, engine.id, "http_5xx").inc()
+                    self._count_error(info, engine, "http_5xx")
                     self.log.warning(
                         "engine_error", engine=engine.id, status=ex.status, request_id=info.id
                     )
                     raise _TryNext
                 if ex.status != 200:
                     out.status = ex.status
-                    raise _upstream_error(ex.status, await self._read(ex, info, engine, out))
+                    raise _engine_rejection(ex.status, await self._read(ex, info, engine, out))
                 if info.stream:
                     return await self._relay_stream(request, info, engine, ex, out)
                 return await self._relay_whole(info, engine, ex, out)
@@ -159,8 +159,11 @@ class Proxy:
             engine.in_flight -= 1
             engine.in_flight_prompt_tokens -= info.prompt_tokens
 
-    def _connect_failed(self, engine: EngineState, exc: BaseException) -> None:
-        self.metrics.upstream_errors.labels(engine.model, engine.id, "connect").inc()
+    def _count_error(self, info: RequestInfo, engine: EngineState, kind: str) -> None:
+        self.metrics.upstream_errors.labels(info.tenant, info.model, engine.id, kind).inc()
+
+    def _connect_failed(self, info: RequestInfo, engine: EngineState, exc: BaseException) -> None:
+        self._count_error(info, engine, "connect")
         if self.registry.connect_failed(engine):
             self.metrics.engine_healthy.labels(engine.model, engine.id, engine.region).set(0)
             self.log.warning("engine_ejected", engine=engine.id, reason=str(exc))
@@ -183,7 +186,7 @@ class Proxy:
         try:
             out.usage.read(orjson.loads(raw))
         except orjson.JSONDecodeError:
-            self.metrics.upstream_errors.labels(info.model, engine.id, "bad_body").inc()
+            self._count_error(info, engine, "bad_body")
             raise ApiError(
                 502, f"engine {engine.id} sent an invalid body", code="upstream_error"
             ) from None
@@ -228,6 +231,9 @@ class Proxy:
                     ex.resume()
                     continue
                 break
+        except ConnectionResetError:  # the client left while we waited for it to drain
+            relay.client_gone = True
+            ex.abort()
         except asyncio.CancelledError:
             out.status = CLIENT_CLOSED
             ex.abort()
@@ -254,7 +260,7 @@ class Proxy:
     ) -> None:
         out.status = 502
         kind = "timeout" if isinstance(exc, ReadTimeout) else "mid_stream"
-        self.metrics.upstream_errors.labels(info.model, engine.id, kind).inc()
+        self._count_error(info, engine, kind)
         self.log.warning(
             "engine_failed_mid_stream", engine=engine.id, request_id=info.id, reason=str(exc)
         )

@@ -82,7 +82,11 @@ class Exchange(asyncio.Protocol):
         self.got_bytes = True
         self.last_activity = time.monotonic()
         if self.done.done():
-            return  # bytes after a finished response: ignore, the connection is not reused
+            # Bytes after a finished response: the connection cannot be trusted any more.
+            self.keep_alive = False
+            if self.transport is not None:
+                self.transport.close()
+            return
         if self._buf:
             data = self._buf + data
             self._buf = b""
