@@ -138,20 +138,19 @@ def _account(
     gw: Gateway, rid: str, tenant: str, app: str, model: str, out: Outcome, arrival: float
 ) -> None:
     latency = time.perf_counter() - arrival
-    m = gw.metrics
     if out.engine != "-":
-        labels = (tenant, model, out.engine)
-        m.requests.labels(*labels, str(out.status)).inc()
-        m.latency.labels(*labels).observe(latency)
+        m = gw.metrics.of(tenant, model, out.engine)
+        m.status(out.status).inc()
+        m.latency.observe(latency)
         if out.ttft is not None:
-            m.ttft.labels(*labels).observe(out.ttft)
+            m.ttft.observe(out.ttft)
         if out.usage.prompt_tokens:
-            m.prompt_tokens.labels(*labels).inc(out.usage.prompt_tokens)
+            m.prompt_tokens.inc(out.usage.prompt_tokens)
         completion = out.usage.completion_tokens
         if completion is None and out.events:
             completion = out.events  # engines that send no usage: about a token per event
         if completion:
-            m.completion_tokens.labels(*labels).inc(completion)
+            m.completion_tokens.inc(completion)
     log.info(
         "request",
         request_id=rid,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (
@@ -10,8 +12,28 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 
 
+class RequestMetrics:
+    """The children of one (tenant, model, engine), looked up once instead of per request."""
+
+    def __init__(self, m: GatewayMetrics, labels: tuple[str, str, str]) -> None:
+        self._requests = m.requests
+        self._labels = labels
+        self._by_status: dict[int, Any] = {}
+        self.latency = m.latency.labels(*labels)
+        self.ttft = m.ttft.labels(*labels)
+        self.prompt_tokens = m.prompt_tokens.labels(*labels)
+        self.completion_tokens = m.completion_tokens.labels(*labels)
+
+    def status(self, status: int) -> Any:
+        child = self._by_status.get(status)
+        if child is None:
+            child = self._by_status[status] = self._requests.labels(*self._labels, str(status))
+        return child
+
+
 class GatewayMetrics:
     def __init__(self) -> None:
+        self._per_request: dict[tuple[str, str, str], RequestMetrics] = {}
         self.registry = reg = CollectorRegistry()
         tme = ["tenant", "model", "engine"]
         self.requests = Counter(
@@ -51,3 +73,10 @@ class GatewayMetrics:
             "fairway_engine_in_flight", "Requests the gateway has open at the engine.",
             ["model", "engine", "region"], registry=reg,
         )  # fmt: skip
+
+    def of(self, tenant: str, model: str, engine: str) -> RequestMetrics:
+        key = (tenant, model, engine)
+        found = self._per_request.get(key)
+        if found is None:
+            found = self._per_request[key] = RequestMetrics(self, key)
+        return found

@@ -126,6 +126,14 @@ class SseRelay:
         """Until the exchange ends, or the relay needs the client to drain."""
         if self.paused or self.client_gone or self.exchange.done.done():
             return
-        self.waiter = asyncio.get_running_loop().create_future()
-        await asyncio.wait((self.exchange.done, self.waiter), return_when=asyncio.FIRST_COMPLETED)
-        self.waiter = None
+        self.waiter = waiter = asyncio.get_running_loop().create_future()
+        wake = self._on_done
+        self.exchange.done.add_done_callback(wake)
+        try:
+            await waiter
+        finally:
+            self.exchange.done.remove_done_callback(wake)
+            self.waiter = None
+
+    def _on_done(self, _: object) -> None:
+        self._wake()
