@@ -49,13 +49,16 @@ class Phase:
     name: str
     time_scale: float
     max_tokens: int
+    jitter_ms: float  # random pause before each request, to spread arrivals over engine steps
     what: str
 
 
 PHASES = [
-    Phase("paced", 1.0, 64, "engines at modelled H100 speed, 64 output tokens"),
-    Phase("saturated", 0.001, 16, "engines 1000x faster than modelled, 16 output tokens"),
+    Phase("paced", 1.0, 64, 20.0, "engines at modelled H100 speed, 64 output tokens"),
+    Phase("saturated", 0.001, 16, 0.0, "engines 1000x faster than modelled, 16 output tokens"),
 ]
+METRICS = ("rps", "ttft_p50_ms", "ttft_p99_ms", "e2e_p50_ms", "e2e_p99_ms", "cpu_ms",
+           "events_per_request")  # fmt: skip
 
 
 def free_port() -> int:
@@ -189,13 +192,29 @@ def vllm_router_starter(binary: str) -> Starter:
 def load(urls: list[str], concurrency: int, phase: Phase, seconds: float) -> dict[str, Any]:
     cmd = [PY, str(ROOT / "benchmarks" / "loadgen.py"), "--key", KEY, "--model", MODEL,
            "--concurrency", str(concurrency), "--duration", str(seconds), "--warmup", "2",
-           "--max-tokens", str(phase.max_tokens)]  # fmt: skip
+           "--max-tokens", str(phase.max_tokens), "--jitter-ms", str(phase.jitter_ms)]  # fmt: skip
     for u in urls:
         cmd += ["--url", u]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=seconds + 300)
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     # No request completed in the window: percentiles are undefined (JSON null).
     return {k: float("nan") if v is None else v for k, v in result.items()}
+
+
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from several rounds of a cell: the median of each figure, errors summed."""
+    row = dict(runs[0])
+    for key in METRICS:
+        values = sorted(r[key] for r in runs)
+        row[key] = values[len(values) // 2]
+    row["errors"] = sum(r["errors"] for r in runs)
+    kinds: dict[str, int] = {}
+    for r in runs:
+        for kind, n in r["error_kinds"].items():
+            kinds[kind] = kinds.get(kind, 0) + n
+    row["error_kinds"] = kinds
+    row["rounds"] = len(runs)
+    return row
 
 
 def machine() -> str:
@@ -243,12 +262,19 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seconds", type=float, default=8.0, help="measured seconds per cell")
     p.add_argument("--clients", default="1,64,512")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved repeats; medians reported")
     p.add_argument("--litellm", default=shutil.which("litellm"), help="litellm CLI to compare")
     p.add_argument("--vllm-router", default=shutil.which("vllm-router"), help="vllm-router CLI")
     p.add_argument("--output", default=str(ROOT / "docs" / "BENCHMARKS.md"))
     p.add_argument("--quick", action="store_true", help="2 s cells, no file written")
+    p.add_argument("--from-json", default=None, help="re-render the report of an earlier run")
     args = p.parse_args()
+    if args.from_json:
+        data = json.loads(Path(args.from_json).read_text())
+        write_report(data, Path(args.output))
+        return
     seconds = 2.0 if args.quick else args.seconds
+    rounds = 1 if args.quick else args.rounds
     clients = [int(c) for c in args.clients.split(",")]
     starters: dict[str, Starter] = {"fairway": start_fairway}
     if args.litellm:
@@ -280,54 +306,74 @@ def main() -> None:
                         continue
                     targets[name] = ([url], pid)
                     load([url], 4, phase, 1.0)  # warm-up: first requests, connection pools
-                for c in clients:
-                    for name, (urls, pid) in targets.items():
-                        cpu0 = cpu_seconds(pid) if pid else 0.0
-                        r = load(urls, c, phase, seconds)
-                        cpu = cpu_seconds(pid) - cpu0 if pid else 0.0
-                        # CPU over the whole run (warm-up too) per measured-rate request.
-                        total = r["rps"] * (seconds + 2)
-                        r["cpu_ms"] = 1000 * cpu / total if pid and total else float("nan")
-                        r["target"] = name
-                        rows.append(r)
+                cells: dict[tuple[int, str], list[dict[str, Any]]] = {}
+                for _ in range(rounds):  # rounds interleave the targets against drift
+                    for c in clients:
+                        for name, (urls, pid) in targets.items():
+                            cpu0 = cpu_seconds(pid) if pid else 0.0
+                            r = load(urls, c, phase, seconds)
+                            cpu = cpu_seconds(pid) - cpu0 if pid else 0.0
+                            done = r["all_requests"]
+                            r["cpu_ms"] = 1000 * cpu / done if pid and done else float("nan")
+                            r["target"] = name
+                            cells.setdefault((c, name), []).append(r)
                         print(f"{phase.name:9} c={c:<4} {name:12} rps={r['rps']:8.1f} "
                               f"ttft p50={r['ttft_p50_ms']:7.2f} ms p99={r['ttft_p99_ms']:7.2f} "
                               f"e2e p50={r['e2e_p50_ms']:7.1f} ms cpu={r['cpu_ms']:.3f} ms/req "
                               f"events/req={r['events_per_request']:.1f} "
                               f"errors={r['errors']} {r['error_kinds'] or ''}",
                               flush=True)  # fmt: skip
+                rows += [median_of(cells[(c, name)]) for c in clients for name in targets]
 
-    doc = render(results, args, seconds)
+    data = {
+        "measured_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+        "command": "make bench-all" if args.litellm and args.vllm_router else "make bench",
+        "seconds": seconds,
+        "rounds": rounds,
+        "results": results,
+    }
+    if args.quick:
+        print("\n".join(render(data)))
+        return
+    raw = Path(args.output).with_name("gateway_overhead.json")
+    raw.write_text(json.dumps(data, indent=1) + "\n")
+    write_report(data, Path(args.output))
+
+
+def write_report(data: dict[str, Any], output: Path) -> None:
+    doc = render(data)
     print("\n".join(doc))
-    if not args.quick:
-        Path(args.output).write_text("\n".join(doc) + "\n")
-        raw = Path(args.output).with_name("gateway_overhead.json")
-        raw.write_text(json.dumps({"machine": machine(), "seconds": seconds,
-                                   "results": results}, indent=1) + "\n")  # fmt: skip
-        print(f"\nwrote {args.output} and {raw}")
+    output.write_text("\n".join(doc) + "\n")
+    print(f"\nwrote {output}")
 
 
-def render(
-    results: dict[str, list[dict[str, Any]]], args: argparse.Namespace, seconds: float
-) -> list[str]:
-    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    command = "make bench-all" if args.litellm and args.vllm_router else "make bench"
+def render(data: dict[str, Any]) -> list[str]:
+    results: dict[str, list[dict[str, Any]]] = data["results"]
+    seconds = data["seconds"]
     doc = [
         "# Benchmarks",
         "",
         "## Gateway overhead",
         "",
-        f"Measured {now} on {machine()}. The engines, the proxy under test and the load",
-        "generator all share this machine's cores, so compare rows of one run with each other;",
-        "the absolute figures are this machine's, not a GPU server's.",
+        f"Measured {data['measured_at']} on this machine: {data['machine']}.",
         "",
-        f"Command: `{command}`.",
+        "The engines, the proxy under test and the load generator all share its cores, so",
+        "compare the rows of one run with each other; the absolute figures are this machine's,",
+        f"not a GPU server's. Command: `{data['command']}` (raw results in",
+        "`docs/gateway_overhead.json`; `--from-json` re-renders this page from them).",
         "",
         "Two simulated engines (`fairway sim`, one process each); each target in front of both;",
         "a closed loop of C clients, each sending one streaming chat request after another",
-        f"(`benchmarks/loadgen.py`), {seconds:.0f} s measured after 2 s of warm-up per cell. TTFT",
-        "is the time to the first SSE event; e2e to `data: [DONE]`. `direct` spreads requests",
-        "over the engines round robin from the client. Proxy CPU is the proxy process's user",
+        "(in the paced phase after a random pause of up to 20 ms, so that arrivals do not lock",
+        "onto the engines' steps: without it, latency added in front of an engine can shorten",
+        f"the time to first token), for {seconds:.0f} s after 2 s of warm-up per cell "
+        "(`benchmarks/loadgen.py`);",
+        f"{data.get('rounds', 1)} rounds with the targets interleaved, each figure the median "
+        "of the rounds.",
+        "Every request that finishes after the warm-up counts. TTFT is the time to the first",
+        "SSE event; e2e to `data: [DONE]`. `direct` spreads requests over the engines round",
+        "robin from the client. Proxy CPU is the proxy process's user",
         "and system time over the cell divided by the requests it served. LiteLLM runs with one",
         "worker, no database and no callbacks; vllm-router with round robin.",
         "",

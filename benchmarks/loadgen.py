@@ -100,6 +100,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "concurrency": args.concurrency,
         "requests": len(counted),
+        "all_requests": len(done),
         "rps": len(counted) / max(last - measure_from, args.duration),
         "ttft_p50_ms": percentile(ttfts, 50) * ms,
         "ttft_p99_ms": percentile(ttfts, 99) * ms,
