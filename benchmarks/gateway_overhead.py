@@ -201,6 +201,15 @@ def load(urls: list[str], concurrency: int, phase: Phase, seconds: float) -> dic
     return {k: float("nan") if v is None else v for k, v in result.items()}
 
 
+def cell_line(phase: str, r: dict[str, Any]) -> str:
+    return (
+        f"{phase:9} c={r['concurrency']:<4} {r['target']:12} rps={r['rps']:8.1f} "
+        f"ttft p50={r['ttft_p50_ms']:7.2f} ms p99={r['ttft_p99_ms']:7.2f} "
+        f"e2e p50={r['e2e_p50_ms']:7.1f} ms cpu={r['cpu_ms']:.3f} ms/req "
+        f"events/req={r['events_per_request']:.1f} errors={r['errors']} {r['error_kinds'] or ''}"
+    )
+
+
 def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One row from several rounds of a cell: the median of each figure, errors summed."""
     row = dict(runs[0])
@@ -317,12 +326,7 @@ def main() -> None:
                             r["cpu_ms"] = 1000 * cpu / done if pid and done else float("nan")
                             r["target"] = name
                             cells.setdefault((c, name), []).append(r)
-                        print(f"{phase.name:9} c={c:<4} {name:12} rps={r['rps']:8.1f} "
-                              f"ttft p50={r['ttft_p50_ms']:7.2f} ms p99={r['ttft_p99_ms']:7.2f} "
-                              f"e2e p50={r['e2e_p50_ms']:7.1f} ms cpu={r['cpu_ms']:.3f} ms/req "
-                              f"events/req={r['events_per_request']:.1f} "
-                              f"errors={r['errors']} {r['error_kinds'] or ''}",
-                              flush=True)  # fmt: skip
+                            print(cell_line(phase.name, r), flush=True)
                 rows += [median_of(cells[(c, name)]) for c in clients for name in targets]
 
     data = {

@@ -212,7 +212,7 @@ async def _start_sim(cfg: Config, e: EngineConfig) -> tuple[web.AppRunner, str]:
     )  # fmt: skip
     runner = web.AppRunner(build_sim_app(sim), handler_cancellation=True, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, cfg.sim.host, e.port)
+    site = web.TCPSite(runner, cfg.sim.host, e.port, backlog=cfg.server.backlog)
     await site.start()
     port = runner.addresses[0][1]
     return runner, f"http://{cfg.sim.host}:{port}"

@@ -31,6 +31,7 @@ def _serve(args: argparse.Namespace) -> int:
         build_app(cfg),
         host=host,
         port=port,
+        backlog=cfg.server.backlog,
         handler_cancellation=True,
         access_log=None,
         print=None,
@@ -78,7 +79,8 @@ def _sim(args: argparse.Namespace) -> int:
         return 2
     print(f"fairway sim: {cfg.model} on {cfg.tp} x {cfg.gpu} at http://{args.host}:{args.port}",
           file=sys.stderr)  # fmt: skip
-    web.run_app(app, host=args.host, port=args.port, handler_cancellation=True, access_log=None,
+    web.run_app(app, host=args.host, port=args.port, backlog=args.backlog,
+                handler_cancellation=True, access_log=None,
                 print=None, loop=uvloop.new_event_loop())  # fmt: skip
     return 0
 
@@ -110,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--api-key", default=None)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--backlog", type=int, default=2048, help="pending connections")
     p.set_defaults(func=_sim)
 
     args = parser.parse_args(argv)

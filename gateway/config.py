@@ -31,6 +31,7 @@ class ConfigError(Exception):
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
+    backlog: int = 2048  # pending connections; 128 drops SYNs when hundreds connect at once
     max_body_bytes: int = 4 * 1024 * 1024
     body_timeout_s: float = 30.0
     connect_timeout_s: float = 2.0
@@ -148,6 +149,7 @@ def _server(t: _Table) -> ServerConfig:
     cfg = ServerConfig(
         host=t.get("host", str, d.host),
         port=t.integer("port", d.port, ge=0),
+        backlog=t.integer("backlog", d.backlog, ge=1),
         max_body_bytes=t.integer("max_body_bytes", d.max_body_bytes, ge=1024),
         body_timeout_s=t.number("body_timeout_s", d.body_timeout_s, gt=0),
         connect_timeout_s=t.number("connect_timeout_s", d.connect_timeout_s, gt=0),
