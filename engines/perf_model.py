@@ -9,7 +9,6 @@ constants.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -141,13 +140,3 @@ class PerfModel:
     def decode_step_time(self, batch: int, mean_context: int) -> float:
         """Convenience for a pure decode step of `batch` sequences."""
         return self.step_time(SeqWork(mean_context, 1) for _ in range(batch))
-
-    def prefill_time(self, prompt_tokens: int, chunk: int) -> float:
-        """Time to prefill one prompt alone in chunks of `chunk` tokens."""
-        total = 0.0
-        done = 0
-        for _ in range(math.ceil(prompt_tokens / chunk)):
-            n = min(chunk, prompt_tokens - done)
-            total += self.step_time([SeqWork(done, n)])
-            done += n
-        return total

@@ -40,7 +40,6 @@ class Exchange(asyncio.Protocol):
         self.pool = pool
         self.key = key
         self.transport: asyncio.Transport | None = None
-        self.reused = False
         self._reset()
 
     def _reset(self) -> None:
@@ -310,7 +309,6 @@ class UpstreamPool:
             ex = idle.pop()
             if ex.transport is not None and not ex.transport.is_closing():
                 ex._reset()
-                ex.reused = True
                 return ex
         return None
 

@@ -67,7 +67,6 @@ class SimEngine:
         )
         self.rng = random.Random(cfg.seed)
         self.streams: dict[str, Stream] = {}
-        self.steps = 0
         self._work = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._deadline = 0.0
@@ -120,7 +119,6 @@ class SimEngine:
             # by the next ones, so the modelled rate holds at any time scale.
             self._deadline += self.perf.step_time(plan.work()) * self.cfg.time_scale
             await asyncio.sleep(max(0.0, self._deadline - loop.time()))
-            self.steps += 1
             for seq in self.sched.complete(plan):
                 stream = self.streams.get(seq.rid)
                 if stream is None:
