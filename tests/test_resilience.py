@@ -8,6 +8,7 @@ from typing import Any
 
 import aiohttp
 import openai
+import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
@@ -191,3 +192,38 @@ async def test_engine_dying_mid_stream_ends_stream_with_error(start_gateway: Any
         await proc.wait()
     assert b'"upstream_error"' in rest
     assert rest.endswith(b"data: [DONE]\n\n")
+
+
+async def test_slow_reader_gets_every_token(start_gateway: Any) -> None:
+    """A client with a tiny receive window that stops reading while its whole stream is
+    generated still gets every token, and the chunked framing intact, once it reads again."""
+    import socket
+
+    runner, url = await start_sim(time_scale=0.001)
+    try:
+        server, _ = await start_gateway(
+            config_dict({"us-east": {MODEL: [{"kind": "vllm", "url": url}]}})
+        )
+        body = orjson.dumps({**LONG, "max_tokens": 6000, "stream": True})
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, (server.host, server.port))
+        head = (
+            f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ACME}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        await loop.sock_sendall(sock, head.encode() + body)
+        await asyncio.sleep(1.5)  # the whole stream is generated while nobody reads
+        raw = b""
+        while not raw.endswith(b"0\r\n\r\n"):
+            data = await asyncio.wait_for(loop.sock_recv(sock, 65536), timeout=10)
+            assert data, "connection closed early"
+            raw += data
+        sock.close()
+    finally:
+        await runner.cleanup()
+    assert raw.startswith(b"HTTP/1.1 200")
+    assert raw.count(b'"content":') == 6000
+    assert b"data: [DONE]" in raw
