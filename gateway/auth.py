@@ -46,7 +46,8 @@ class KeyRing:
                 "Malformed Authorization header: expected 'Bearer <key>'.",
                 code="invalid_api_key",
             )
-        presented = hashlib.sha256(key.encode()).digest()
+        # Header bytes that are not UTF-8 arrive as surrogates; hash them as the raw bytes.
+        presented = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
         found: Principal | None = None
         # Compare against every digest without stopping early, so timing does not tell
         # how many keys precede the match.

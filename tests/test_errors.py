@@ -182,3 +182,25 @@ async def test_slow_body_is_408_not_a_hung_connection(start_gateway: Any) -> Non
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
     assert head.startswith(b"HTTP/1.1 408")
     writer.close()
+
+
+async def test_non_utf8_header_bytes_are_401_not_500(gateway: Served) -> None:
+    import asyncio
+
+    server, gw = gateway
+    engine_url = gw.registry.engines["us-east/llama-3.1-8b/0"].url
+    for host, port, path in (
+        (server.host, server.port, CHAT),
+        ("127.0.0.1", int(engine_url.rsplit(":", 1)[1]), CHAT),
+    ):
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(
+            b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+            b"Authorization: Bearer sk-\xff\xfe\r\nContent-Length: 2\r\n\r\n{}"
+        )
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+        writer.close()
+        status = int(head.split(b" ")[1])
+        # The gateway refuses the key; the keyless sim engine judges the body ({}: no model).
+        assert status == (401 if port == server.port else 404), head

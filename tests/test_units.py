@@ -19,7 +19,8 @@ def test_keyring_resolves_tenant_and_app() -> None:
     ring = KeyRing({"t": TenantConfig("t", 1.0, {}, {digest("k1"): "a", digest("k2"): "b"})})
     assert ring.authenticate("Bearer k2").app == "b"
     assert ring.authenticate("bearer  k1 ").tenant == "t"
-    for header in (None, "", "Bearer", "Token k1", "Bearer k3"):
+    # The last: header bytes that are not UTF-8 (aiohttp hands them over as surrogates).
+    for header in (None, "", "Bearer", "Token k1", "Bearer k3", "Bearer sk-\udcff\udcfe"):
         with pytest.raises(ApiError) as exc:
             ring.authenticate(header)
         assert exc.value.status == 401

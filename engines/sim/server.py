@@ -162,9 +162,8 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     engine = request.app[ENGINE_KEY]
     metrics = request.app[METRICS_KEY]
     key = engine.cfg.api_key
-    if key is not None and not hmac.compare_digest(
-        request.headers.get("Authorization", ""), f"Bearer {key}"
-    ):
+    given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+    if key is not None and not hmac.compare_digest(given, f"Bearer {key}".encode()):
         return error_response(401, "invalid API key", code="invalid_api_key")
     try:
         body = orjson.loads(await request.read())
