@@ -10,11 +10,19 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from engines.perf_model import GPUS, MODELS
+from engines.perf_model import GPUS, MODELS, PerfModel
+from gateway.config_fairness import (
+    AdminConfig,
+    FairnessConfig,
+    StateConfig,
+    parse_admin,
+    parse_fairness,
+    parse_state,
+)
 
 EngineKind = Literal["sim", "vllm"]
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -46,8 +54,16 @@ class ServerConfig:
 
 @dataclass(frozen=True, slots=True)
 class AppConfig:
+    """An application declares its shape: what a typical call costs, and how many calls one
+    user interaction makes. Rates are in tokens (prompt + output) per minute; 0 = no limit."""
+
     name: str
     description: str = ""
+    expected_prompt_tokens: int = 1000  # the Azure conversation trace: mean 1155, median 1020
+    expected_output_tokens: int = 200  # ibid.: mean 211, median 129
+    calls_per_interaction: int = 1
+    tokens_per_minute: float = 0.0
+    burst_tokens: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +72,9 @@ class TenantConfig:
     weight: float
     apps: Mapping[str, AppConfig]
     key_digests: Mapping[str, str]  # SHA-256 hex digest -> application name
+    tokens_per_minute: float = 0.0  # 0 = no token bucket
+    burst_tokens: float = 0.0  # defaults to one minute of tokens
+    rpm: int = 0  # requests per minute under policy "rpm"; 0 = fairness.rpm_limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +91,8 @@ class EngineConfig:
     port: int = 0
     max_num_seqs: int = 256
     max_batched_tokens: int = 2048
+    max_running: int = 256  # the gateway's in-flight limit for this engine
+    max_kv_tokens: int = 0  # in-flight prompt + expected output tokens; 0 = no limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +109,9 @@ class Config:
     engines: tuple[EngineConfig, ...]
     sim: SimConfig
     log_level: str = "info"
+    fairness: FairnessConfig = field(default_factory=FairnessConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    state: StateConfig = field(default_factory=StateConfig)
 
     @property
     def models(self) -> list[str]:
@@ -169,12 +193,13 @@ def _server(t: _Table) -> ServerConfig:
 
 def _tenant(name: str, t: _Table, digests_seen: dict[str, str]) -> TenantConfig:
     weight = t.number("weight", 1.0, gt=0)
+    per_minute = t.number("tokens_per_minute", 0.0, gt=-1e-9)
+    burst = t.number("burst_tokens", per_minute, gt=-1e-9) or per_minute
+    rpm = t.integer("rpm", 0, ge=0)
     apps_t = t.table("apps")
     apps: dict[str, AppConfig] = {}
     for app_name in apps_t.data:
-        a = apps_t.table(app_name)
-        apps[app_name] = AppConfig(app_name, a.get("description", str, ""))
-        a.finish()
+        apps[app_name] = _app(app_name, apps_t.table(app_name))
     apps_t.finish()
     if not apps:
         apps["default"] = AppConfig("default")
@@ -198,7 +223,22 @@ def _tenant(name: str, t: _Table, digests_seen: dict[str, str]) -> TenantConfig:
         digests_seen[digest] = k.path
         digests[digest] = app
     t.finish()
-    return TenantConfig(name, weight, apps, digests)
+    return TenantConfig(name, weight, apps, digests, per_minute, burst, rpm)
+
+
+def _app(name: str, a: _Table) -> AppConfig:
+    per_minute = a.number("tokens_per_minute", 0.0, gt=-1e-9)
+    cfg = AppConfig(
+        name,
+        a.get("description", str, ""),
+        a.integer("expected_prompt_tokens", 1000, ge=1),
+        a.integer("expected_output_tokens", 200, ge=1),
+        a.integer("calls_per_interaction", 1, ge=1),
+        per_minute,
+        a.number("burst_tokens", per_minute, gt=-1e-9) or per_minute,
+    )
+    a.finish()
+    return cfg
 
 
 def _engine(region: str, model: str, i: int, t: _Table) -> EngineConfig | None:
@@ -218,6 +258,8 @@ def _engine(region: str, model: str, i: int, t: _Table) -> EngineConfig | None:
     port = t.integer("port", 0, ge=0)
     max_num_seqs = t.integer("max_num_seqs", 256, ge=1)
     max_batched_tokens = t.integer("max_batched_tokens", 2048, ge=16)
+    max_running = t.integer("max_running", max_num_seqs, ge=1)
+    max_kv_tokens = t.integer("max_kv_tokens", -1, ge=-1)
     t.finish()
     if kind == "vllm":
         if not url.startswith(("http://", "https://")):
@@ -229,13 +271,15 @@ def _engine(region: str, model: str, i: int, t: _Table) -> EngineConfig | None:
             t.errors.append(
                 f"{t.key('arch')} must be one of {sorted(MODELS)} for a sim engine, got {arch!r}"
             )
+        elif max_kv_tokens < 0 and gpu in GPUS:
+            max_kv_tokens = PerfModel.named(gpu, arch, tp).kv_capacity_tokens
     else:
         t.errors.append(f"{t.key('kind')} must be 'sim' or 'vllm', got {kind!r}")
         return None
     engine_kind: EngineKind = "sim" if kind == "sim" else "vllm"
     return EngineConfig(
         eid, region, model, engine_kind, url, api_key, gpu, arch, tp, port, max_num_seqs,
-        max_batched_tokens,
+        max_batched_tokens, max_running, max(0, max_kv_tokens),
     )  # fmt: skip
 
 
@@ -288,10 +332,13 @@ def parse(data: Mapping[str, Any]) -> Config:
     for name in (*tenants, *(e.model for e in engines)):
         if not _NAME.match(name):
             errors.append(f"{name!r} is not a valid name (letters, digits, . _ : / -)")
+    fairness = parse_fairness(root.table("fairness"))
+    admin = parse_admin(root.table("admin"), digests_seen)
+    state = parse_state(root.table("state"))
     root.finish()
     if errors:
         raise ConfigError(errors)
-    return Config(server, tenants, tuple(engines), sim, level)
+    return Config(server, tenants, tuple(engines), sim, level, fairness, admin, state)
 
 
 def load(path: str | Path) -> Config:
