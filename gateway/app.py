@@ -21,13 +21,16 @@ from engines.protocol import error_response, json_response
 from engines.registry import EngineRegistry, EngineState
 from engines.sim.engine import SimEngineConfig
 from engines.sim.server import build_app as build_sim_app
+from gateway.admin import tenants_view
 from gateway.auth import KeyRing
 from gateway.config import Config, EngineConfig
 from gateway.errors import ApiError
+from gateway.gate import Gate
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import Outcome, Proxy
 from gateway.request import INTERACTION_HEADER, Endpoint, measure, parse_body
 from gateway.routing import LeastOutstanding
+from gateway.state import BucketStore, MemoryStore, RedisStore
 from gateway.upstream import UpstreamPool
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -50,6 +53,7 @@ class Gateway:
     registry: EngineRegistry
     proxy: Proxy
     probes: aiohttp.ClientSession  # health checks and load scraping
+    gate: Gate
     ids: Iterator[str] = field(default_factory=request_ids)
 
 
@@ -121,9 +125,18 @@ async def _proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
             )
         info = measure(body, endpoint, principal, rid, request.headers.get(INTERACTION_HEADER),
                        arrival)  # fmt: skip
-        return await gw.proxy.forward(request, info, body, out)
+        admitted = await gw.gate.enter(info)
+        out.headers = admitted.headers
+        out.on_events = lambda n: gw.gate.on_tokens(admitted, n)
+        try:
+            return await gw.proxy.forward(request, info, body, out, admitted.engine)
+        finally:
+            usage = out.usage
+            await gw.gate.leave(admitted, usage.prompt_tokens, usage.completion_tokens)
     except ApiError as exc:
         out.status = exc.status
+        if out.headers:
+            exc.headers = {**out.headers, **(exc.headers or {})}
         if out.engine == "-":
             gw.metrics.rejected.labels(tenant, str(exc.status)).inc()
         raise
@@ -195,8 +208,19 @@ async def healthz(request: web.Request) -> web.Response:
     )
 
 
+async def admin_tenants(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    gw.keys.authenticate_admin(request.headers.get("Authorization"))
+    return json_response(await tenants_view(gw.gate))
+
+
 async def metrics(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
+    for model, policy in gw.gate.dispatcher.policies.items():
+        counters = policy.counters()
+        for tenant in gw.cfg.tenants:
+            gw.metrics.queue_depth.labels(tenant, model).set(policy.backlog(tenant))
+            gw.metrics.service.labels(tenant, model).set(counters.get(tenant, 0.0))
     for e in gw.registry.engines.values():
         gw.metrics.in_flight.labels(e.model, e.id, e.region).set(e.in_flight)
         gw.metrics.engine_healthy.labels(e.model, e.id, e.region).set(int(e.healthy))
@@ -241,11 +265,21 @@ def build_app(cfg: Config) -> web.Application:
             pool = UpstreamPool(cfg.server.connect_timeout_s, cfg.server.read_timeout_s)
             session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
             metrics = GatewayMetrics()
-            proxy = Proxy(registry, LeastOutstanding(), pool, metrics, cfg.server)
-            gw = Gateway(cfg, KeyRing(cfg.tenants), metrics, registry, proxy, session)
+            router = LeastOutstanding()
+            proxy = Proxy(registry, router, pool, metrics, cfg.server)
+            store: BucketStore = (
+                RedisStore(cfg.state.redis_url, cfg.state.prefix)
+                if cfg.state.backend == "redis"
+                else MemoryStore()
+            )
+            gate = Gate(cfg, registry, router, store, metrics)
+            keys = KeyRing(cfg.tenants, cfg.admin.key_digests)
+            gw = Gateway(cfg, keys, metrics, registry, proxy, session, gate)
             app[GATEWAY] = gw
 
             def on_change(engine: EngineState, event: str) -> None:
+                if engine.healthy:
+                    gate.poll(engine.model)
                 metrics.engine_healthy.labels(engine.model, engine.id, engine.region).set(
                     int(engine.healthy)
                 )
@@ -261,6 +295,8 @@ def build_app(cfg: Config) -> web.Application:
             health.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await health
+            gate.close()
+            await store.close()
             await session.close()
             await pool.close()
         finally:
@@ -273,4 +309,5 @@ def build_app(cfg: Config) -> web.Application:
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/admin/tenants", admin_tenants)
     return app

@@ -22,16 +22,30 @@ def digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+ADMIN = Principal("", "admin")
+
+
 class KeyRing:
-    def __init__(self, tenants: Mapping[str, TenantConfig]) -> None:
+    def __init__(
+        self, tenants: Mapping[str, TenantConfig], admin_digests: frozenset[str] = frozenset()
+    ) -> None:
         self._entries = [
             (bytes.fromhex(d), Principal(t.name, app))
             for t in tenants.values()
             for d, app in t.key_digests.items()
         ]
+        self._admin = [(bytes.fromhex(d), ADMIN) for d in sorted(admin_digests)]
+
+    def authenticate_admin(self, authorization: str | None) -> None:
+        """Admin endpoints take only admin keys; raises a 401 ApiError otherwise."""
+        self._lookup(self._admin, authorization)
 
     def authenticate(self, authorization: str | None) -> Principal:
         """Resolve an `Authorization: Bearer <key>` header; raises a 401 ApiError."""
+        return self._lookup(self._entries, authorization)
+
+    @staticmethod
+    def _lookup(entries: list[tuple[bytes, Principal]], authorization: str | None) -> Principal:
         if not authorization:
             raise ApiError(
                 401,
@@ -51,7 +65,7 @@ class KeyRing:
         found: Principal | None = None
         # Compare against every digest without stopping early, so timing does not tell
         # how many keys precede the match.
-        for stored, principal in self._entries:
+        for stored, principal in entries:
             if hmac.compare_digest(stored, presented):
                 found = principal
         if found is None:

@@ -36,6 +36,7 @@ class Decision(Enum):
     START = "start"  # an engine has room: `ticket_engine` says which
     QUEUED = "queued"
     FULL = "full"  # the tenant's queue is at its limit
+    UNAVAILABLE = "unavailable"  # no healthy engine serves the model: waiting would not help
 
 
 Route = Callable[[Ticket, list[EngineSnapshot]], str]
@@ -89,6 +90,8 @@ class Dispatcher:
     def submit(self, t: Ticket, model: str, now: float) -> tuple[Decision, str]:
         """A request arrives. START comes with its engine, already reserved."""
         policy = self.policy(model)
+        if not self.snapshots(model):
+            return Decision.UNAVAILABLE, ""
         if not policy.waiting() and policy.may_start(t.tenant, now):
             engines = self.open_engines(model, t)
             if engines:

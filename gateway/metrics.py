@@ -74,6 +74,28 @@ class GatewayMetrics:
             ["model", "engine", "region"], registry=reg,
         )  # fmt: skip
 
+        self.throttled = Counter(
+            "fairway_throttled_requests",
+            "Requests refused with 429 by the token buckets while their model was overloaded.",
+            ["tenant", "app"], registry=reg,
+        )  # fmt: skip
+        self.dropped = Counter(
+            "fairway_dropped_requests",
+            "Requests that left the fairness queue without running (queue_full, timeout, "
+            "client_gone).",
+            ["tenant", "reason"], registry=reg,
+        )  # fmt: skip
+        self.queue_depth = Gauge(
+            "fairway_queue_depth", "Requests waiting in the fairness queue.",
+            ["tenant", "model"], registry=reg,
+        )  # fmt: skip
+        self.service = Gauge(
+            "fairway_service_counter",
+            "The fairness policy's counter of the tenant (weighted service units; vtc, wsc), "
+            "or its requests started in the last minute (rpm).",
+            ["tenant", "model"], registry=reg,
+        )  # fmt: skip
+
     def of(self, tenant: str, model: str, engine: str) -> RequestMetrics:
         key = (tenant, model, engine)
         found = self._per_request.get(key)

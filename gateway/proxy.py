@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,8 @@ class Outcome:
     usage: Usage = field(default_factory=Usage)
     events: int = 0
     ttft: float | None = None
+    headers: dict[str, str] = field(default_factory=dict)  # added to the response
+    on_events: Callable[[int], None] | None = None  # SSE events as they stream
 
 
 class _TryNext(Exception):
@@ -89,8 +92,15 @@ class Proxy:
         )
 
     async def forward(
-        self, request: web.Request, info: RequestInfo, body: dict[str, Any], out: Outcome
+        self,
+        request: web.Request,
+        info: RequestInfo,
+        body: dict[str, Any],
+        out: Outcome,
+        first: str | None = None,
     ) -> web.StreamResponse:
+        """Relay `info` to engine `first` (the dispatcher's pick) or to one the router picks;
+        retries go wherever the router says."""
         if info.stream:
             opts = body.get("stream_options")
             body["stream_options"] = {**(opts or {}), "include_usage": True}
@@ -100,7 +110,11 @@ class Proxy:
             engines = self.registry.snapshots(info.model, exclude=tried)
             if not engines:
                 break
-            engine = self.registry.engines[self.policy.choose(info, engines)]
+            if first is not None and any(e.id == first for e in engines):
+                engine = self.registry.engines[first]
+            else:
+                engine = self.registry.engines[self.policy.choose(info, engines)]
+            first = None
             tried.append(engine.id)
             out.attempts += 1
             out.engine = engine.id
@@ -194,7 +208,7 @@ class Proxy:
         return web.Response(
             body=raw,
             content_type="application/json",
-            headers={"X-Request-Id": info.id, "X-Fairway-Engine": engine.id},
+            headers={**out.headers, "X-Request-Id": info.id, "X-Fairway-Engine": engine.id},
         )
 
     async def _relay_stream(
@@ -206,7 +220,12 @@ class Proxy:
         out: Outcome,
     ) -> web.StreamResponse:
         resp = web.StreamResponse(
-            headers={**sse_headers(), "X-Request-Id": info.id, "X-Fairway-Engine": engine.id}
+            headers={
+                **sse_headers(),
+                **out.headers,
+                "X-Request-Id": info.id,
+                "X-Fairway-Engine": engine.id,
+            }
         )
         try:
             await resp.prepare(request)
@@ -221,6 +240,7 @@ class Proxy:
         if isinstance(writer, StreamWriter):
             writer.send_headers()
         relay = SseRelay(transport, info, ex, out.usage)
+        relay.on_events = out.on_events
         ex.stream(relay.feed)
         try:
             while True:

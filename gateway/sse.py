@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -77,6 +78,7 @@ class SseRelay:
         self.client_gone = False
         self.paused = False
         self.waiter: asyncio.Future[None] | None = None
+        self.on_events: Callable[[int], None] | None = None  # output as it streams
 
     def feed(self, data: bytes) -> None:
         if self.pending:
@@ -95,7 +97,10 @@ class SseRelay:
                 return
         if self.ttft is None:
             self.ttft = time.perf_counter() - self.info.arrival
-        self.events += data.count(b"\n\n")
+        n = data.count(b"\n\n")
+        self.events += n
+        if self.on_events is not None:
+            self.on_events(n)
         self.write(data)
 
     def write(self, data: bytes) -> None:

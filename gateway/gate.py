@@ -1,0 +1,233 @@
+"""The gate in front of the proxy: throttle (OIT), then wait for a slot in the fairness queue.
+
+The thin asyncio layer around `gateway.admission` and `gateway.dispatch`: a waiting request is
+a future that the dispatcher resolves with an engine id when the policy picks it. A client that
+goes away while waiting leaves the queue at once (aiohttp cancels its handler); nothing waits
+longer than `fairness.queue_timeout_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from engines.registry import EngineRegistry, EngineSnapshot
+from gateway.admission import Interactions, Limit, Verdict, ratelimit_headers
+from gateway.config import AppConfig, Config, TenantConfig
+from gateway.dispatch import Decision, Dispatcher, EngineLimit
+from gateway.errors import ApiError
+from gateway.fairness import FairnessPolicy, Prices, Ticket, make_policy
+from gateway.metrics import GatewayMetrics
+from gateway.request import RequestInfo
+from gateway.routing import RoutingPolicy
+from gateway.state import BucketStore, Keyed
+
+
+@dataclass(slots=True, eq=False)
+class Pass:
+    """A request let through the gate: where it goes and what to settle when it ends."""
+
+    info: RequestInfo
+    ticket: Ticket
+    engine: str
+    keys: Keyed
+    cost: float
+    headers: dict[str, str] = field(default_factory=dict)
+    charged_output: int = 0
+    done: bool = False
+    future: asyncio.Future[str] | None = None  # resolved with an engine id when picked
+
+
+def bucket_keys(tenant: TenantConfig, app: AppConfig) -> Keyed:
+    keys: list[tuple[str, Limit]] = []
+    if tenant.tokens_per_minute > 0:
+        keys.append((tenant.name, Limit(tenant.tokens_per_minute, tenant.burst_tokens)))
+    if app.tokens_per_minute > 0:
+        keys.append((f"{tenant.name}/{app.name}", Limit(app.tokens_per_minute, app.burst_tokens)))
+    return keys
+
+
+def expected_output(app: AppConfig, max_tokens: int | None) -> int:
+    return min(app.expected_output_tokens, max_tokens or app.expected_output_tokens)
+
+
+def unit_cost(app: AppConfig, prices: Prices) -> float:
+    return prices.input * app.expected_prompt_tokens + prices.output * app.expected_output_tokens
+
+
+def build_dispatcher(
+    cfg: Config,
+    snapshots: Callable[[str], list[EngineSnapshot]],
+    route: Callable[[Ticket, list[EngineSnapshot]], str],
+) -> Dispatcher:
+    """The dispatcher `cfg` describes; the gateway and the simulator build it the same way."""
+    f = cfg.fairness
+    prices = Prices(f.input_price, f.output_price)
+
+    def rpm(tenant: str) -> int:
+        t = cfg.tenants.get(tenant)
+        return t.rpm if t is not None and t.rpm else f.rpm_limit
+
+    def policy(model: str) -> FairnessPolicy:
+        return make_policy(f.policy, prices, rpm)
+
+    limits = {e.id: EngineLimit(e.max_running, e.max_kv_tokens) for e in cfg.engines}
+    return Dispatcher(policy, limits, snapshots, route, f.max_queue_per_tenant)
+
+
+class Gate:
+    def __init__(
+        self,
+        cfg: Config,
+        registry: EngineRegistry,
+        router: RoutingPolicy,
+        store: BucketStore,
+        metrics: GatewayMetrics,
+    ) -> None:
+        self.cfg = cfg
+        self.prices = Prices(cfg.fairness.input_price, cfg.fairness.output_price)
+        self.store = store
+        self.metrics = metrics
+        self.router = router
+        self.dispatcher = build_dispatcher(cfg, registry.snapshots, self._route)
+        self.interactions = Interactions(cfg.fairness.interaction_ttl_s)
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+
+    def _route(self, t: Ticket, engines: list[EngineSnapshot]) -> str:
+        p: Pass = t.payload
+        return self.router.choose(p.info, engines)
+
+    async def enter(self, info: RequestInfo) -> Pass:
+        """Admit `info` and wait for its slot; raises ApiError 429 or 503 when it may not go."""
+        tenant = self.cfg.tenants[info.tenant]
+        app = tenant.apps[info.app]
+        now = time.monotonic()
+        out = expected_output(app, info.max_tokens)
+        cost = float(info.prompt_tokens + out)
+        continuing = self.interactions.touch(info.tenant, info.interaction_id, now)
+        opens = info.interaction_id is not None and not continuing
+        keys = bucket_keys(tenant, app)
+        overloaded = self.dispatcher.overloaded(info.model)
+        need = cost * (app.calls_per_interaction if opens else 1)
+        verdict = await self.store.admit(keys, cost, need, overloaded and not continuing)
+        headers = ratelimit_headers(verdict)
+        if not verdict.admitted:
+            self.metrics.throttled.labels(info.tenant, info.app).inc()
+            raise self._throttled(info, verdict, headers)
+        ticket = Ticket(
+            info.id, info.tenant, info.app, info.prompt_tokens, out, now, tenant.weight,
+            unit_cost(app, self.prices), continuing,
+        )  # fmt: skip
+        p = Pass(info, ticket, "", keys, cost, headers)
+        ticket.payload = p
+        decision, engine = self.dispatcher.submit(ticket, info.model, now)
+        if decision is Decision.START:
+            p.engine = engine
+            return p
+        if decision is Decision.UNAVAILABLE:
+            await self.store.settle(keys, -cost)
+            raise ApiError(
+                503,
+                f"No healthy engine can serve model '{info.model}' right now; retry shortly.",
+                code="no_healthy_engine",
+                headers={**headers, "Retry-After": str(self.cfg.server.retry_after_s)},
+            )
+        if decision is Decision.FULL:
+            await self.store.settle(keys, -cost)
+            self.metrics.dropped.labels(info.tenant, "queue_full").inc()
+            raise ApiError(
+                429,
+                f"Tenant '{info.tenant}' already has {self.cfg.fairness.max_queue_per_tenant} "
+                f"requests waiting for model '{info.model}'; retry later.",
+                code="queue_full",
+                headers={**headers, "Retry-After": str(self.cfg.server.retry_after_s)},
+            )
+        self._arm_timer(info.model)
+        return await self._wait(p)
+
+    async def _wait(self, p: Pass) -> Pass:
+        p.future = fut = asyncio.get_running_loop().create_future()
+        model, timeout = p.info.model, self.cfg.fairness.queue_timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                p.engine = await fut
+            return p
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            if not self.dispatcher.cancel(p.ticket, model):
+                # Picked in the same instant: give the slot back to the next in line.
+                await self.leave(p, None, None)
+            else:
+                await self.store.settle(p.keys, -p.cost)
+            reason = "client_gone" if isinstance(exc, asyncio.CancelledError) else "timeout"
+            self.metrics.dropped.labels(p.info.tenant, reason).inc()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise ApiError(
+                503,
+                f"Every engine of model '{model}' stayed saturated for {timeout:g} s while this "
+                "request waited in the queue; retry later.",
+                code="queue_timeout",
+                headers={**p.headers, "Retry-After": str(self.cfg.server.retry_after_s)},
+            ) from None
+
+    def _throttled(self, info: RequestInfo, v: Verdict, headers: dict[str, str]) -> ApiError:
+        wait = max(1, math.ceil(v.retry_after_s))
+        return ApiError(
+            429,
+            f"Rate limit reached for tenant '{info.tenant}' (application '{info.app}') while "
+            f"model '{info.model}' is overloaded: limit {headers.get('x-ratelimit-limit-tokens')}"
+            f" tokens per minute, remaining {headers.get('x-ratelimit-remaining-tokens')}. "
+            f"Retry after {wait} s.",
+            code="rate_limit_exceeded",
+            headers={**headers, "Retry-After": str(wait)},
+        )
+
+    def on_tokens(self, p: Pass, n: int) -> None:
+        p.charged_output += n
+        self.dispatcher.on_tokens(p.ticket, p.info.model, n)
+
+    async def leave(self, p: Pass, prompt_tokens: int | None, output_tokens: int | None) -> None:
+        """The request ended: settle counters and buckets with real usage, free its slot."""
+        if p.done:
+            return
+        p.done = True
+        output = p.charged_output if output_tokens is None else output_tokens
+        if output != p.charged_output:
+            self.on_tokens(p, output - p.charged_output)
+        prompt = prompt_tokens or p.info.prompt_tokens
+        now = time.monotonic()
+        started = self.dispatcher.finish(p.ticket, p.info.model, prompt, output, now)
+        self._wake(started)
+        real = prompt + output
+        if real != p.cost:
+            await self.store.settle(p.keys, real - p.cost)
+
+    def _wake(self, started: list[tuple[Ticket, str]]) -> None:
+        for t, engine in started:
+            fut = t.payload.future
+            if fut is not None and not fut.done():
+                fut.set_result(engine)
+
+    def poll(self, model: str | None = None) -> None:
+        """Start what can start now (an engine came back, a rate-limit window opened)."""
+        now = time.monotonic()
+        for m in [model] if model else list(self.dispatcher.policies):
+            self._wake(self.dispatcher.poll(m, now))
+            self._arm_timer(m)
+
+    def _arm_timer(self, model: str) -> None:
+        when = self.dispatcher.policy(model).wake_at(time.monotonic())
+        old = self._timers.pop(model, None)
+        if old is not None:
+            old.cancel()
+        if when is not None:
+            loop = asyncio.get_running_loop()
+            delay = max(0.0, when - time.monotonic())
+            self._timers[model] = loop.call_later(delay, self.poll, model)
+
+    def close(self) -> None:
+        for timer in self._timers.values():
+            timer.cancel()
