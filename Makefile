@@ -11,6 +11,10 @@ STAMP := $(VENV)/.fairway-installed
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
+	@# Redis holds state shared by gateway replicas; the tests start a real redis-server.
+	command -v redis-server >/dev/null 2>&1 || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get install -y -q redis-server || \
+		{ $$SUDO apt-get update -q && $$SUDO apt-get install -y -q redis-server; }; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'

@@ -57,5 +57,3 @@ def vars_of(limit: Any) -> dict[str, Any]:
 
 def _bucket(per_minute: float, burst: float, level: float) -> dict[str, float]:
     return {"tokens_per_minute": per_minute, "burst_tokens": burst, "tokens": round(level, 1)}
-
-

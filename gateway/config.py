@@ -145,10 +145,15 @@ class _Table:
             return default
         return value  # type: ignore[return-value]
 
-    def number(self, name: str, default: float, *, gt: float | None = None) -> float:
+    def number(
+        self, name: str, default: float, *, gt: float | None = None, ge: float | None = None
+    ) -> float:
         value = float(self.get(name, (int, float), default))
         if gt is not None and not value > gt:
             self.errors.append(f"{self.key(name)} must be > {gt:g}, got {self.data[name]!r}")
+            return default
+        if ge is not None and not value >= ge:
+            self.errors.append(f"{self.key(name)} must be >= {ge:g}, got {self.data[name]!r}")
             return default
         return value
 
@@ -193,8 +198,8 @@ def _server(t: _Table) -> ServerConfig:
 
 def _tenant(name: str, t: _Table, digests_seen: dict[str, str]) -> TenantConfig:
     weight = t.number("weight", 1.0, gt=0)
-    per_minute = t.number("tokens_per_minute", 0.0, gt=-1e-9)
-    burst = t.number("burst_tokens", per_minute, gt=-1e-9) or per_minute
+    per_minute = t.number("tokens_per_minute", 0.0, ge=0)
+    burst = t.number("burst_tokens", per_minute, ge=0) or per_minute
     rpm = t.integer("rpm", 0, ge=0)
     apps_t = t.table("apps")
     apps: dict[str, AppConfig] = {}
@@ -227,7 +232,7 @@ def _tenant(name: str, t: _Table, digests_seen: dict[str, str]) -> TenantConfig:
 
 
 def _app(name: str, a: _Table) -> AppConfig:
-    per_minute = a.number("tokens_per_minute", 0.0, gt=-1e-9)
+    per_minute = a.number("tokens_per_minute", 0.0, ge=0)
     cfg = AppConfig(
         name,
         a.get("description", str, ""),
@@ -235,7 +240,7 @@ def _app(name: str, a: _Table) -> AppConfig:
         a.integer("expected_output_tokens", 200, ge=1),
         a.integer("calls_per_interaction", 1, ge=1),
         per_minute,
-        a.number("burst_tokens", per_minute, gt=-1e-9) or per_minute,
+        a.number("burst_tokens", per_minute, ge=0) or per_minute,
     )
     a.finish()
     return cfg

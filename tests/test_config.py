@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 
+from gateway.auth import digest
 from gateway.cli import main
 from gateway.config import ConfigError, load, parse
-from tests.conftest import MODEL, config_dict
+from tests.conftest import ACME, MODEL, config_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,6 +31,9 @@ def test_shipped_config_is_valid() -> None:
     assert len(cfg.tenants) >= 3
     assert all(e.kind == "sim" for e in cfg.engines)
     assert cfg.server.port == 8080
+    assert cfg.fairness.policy == "wsc" and cfg.admin.key_digests
+    assert any(t.tokens_per_minute for t in cfg.tenants.values())
+    assert all(e.max_kv_tokens > 0 for e in cfg.engines)  # from the perf model
 
 
 def test_negative_weight_names_key_and_value() -> None:
@@ -69,6 +73,26 @@ def test_negative_weight_names_key_and_value() -> None:
         (lambda d: d.update(engines={}), "engines: at least one engine is needed"),
         (lambda d: d["logging"].update(level="loud"),
          "logging.level must be debug, info, warning or error, got 'loud'"),
+        (lambda d: d.update(fairness={"policy": "lottery"}),
+         "fairness.policy must be one of ['fcfs', 'rpm', 'vtc', 'wsc'], got 'lottery'"),
+        (lambda d: d.update(fairness={"queue_timeout_s": 0}),
+         "fairness.queue_timeout_s must be > 0, got 0"),
+        (lambda d: d.update(fairness={"max_queue": 3}),
+         "fairness.max_queue is not a known setting"),
+        (lambda d: d.update(state={"backend": "etcd"}),
+         "state.backend must be 'memory' or 'redis', got 'etcd'"),
+        (lambda d: d.update(state={"redis_url": "localhost:6379"}),
+         "state.redis_url must be a redis:// URL, got 'localhost:6379'"),
+        (lambda d: d.update(admin={"keys": [{"sha256": "xyz"}]}),
+         "admin.keys[0] must be a table { sha256 = <64 hex digits> }, got {'sha256': 'xyz'}"),
+        (lambda d: d.update(admin={"keys": [{"sha256": digest(ACME)}]}),
+         "admin.keys[0].sha256 is also a key of tenants.acme.keys[0]"),
+        (lambda d: d["tenants"]["acme"].update(tokens_per_minute=-5),
+         "tenants.acme.tokens_per_minute must be >= 0, got -5"),
+        (lambda d: d["tenants"]["acme"]["apps"]["chat"].update(calls_per_interaction=0),
+         "tenants.acme.apps.chat.calls_per_interaction must be >= 1, got 0"),
+        (lambda d: d["engines"]["us-east"][MODEL][0].update(max_running=0),
+         f"engines.us-east.{MODEL}[0].max_running must be >= 1, got 0"),
     ],
 )  # fmt: skip
 def test_validation_errors(mutate: Any, expected: str) -> None:

@@ -1,0 +1,249 @@
+"""The gate through the live gateway: throttling under overload, the fairness queue, its
+limits, the admin view and the metrics, with the official OpenAI client."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from gateway.auth import digest
+from tests.conftest import ACME, MODEL, GatewayFactory, config_dict, free_port, scrape
+
+GLOBEX = "sk-test-globex-chat"
+ADMIN = "sk-test-admin"
+
+
+def fair_config(policy: str = "wsc", max_running: int = 1, **fairness: Any) -> dict[str, Any]:
+    cfg = config_dict({"us-east": {MODEL: [{"kind": "sim", "max_running": max_running}]}})
+    cfg["sim"]["time_scale"] = 1.0  # ~8 ms a token: a 40-token request holds its slot ~0.3 s
+    cfg["fairness"] = {"policy": policy, **fairness}
+    cfg["admin"] = {"keys": [{"sha256": digest(ADMIN)}]}
+    return cfg
+
+
+def client_for(server: Any, key: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(
+        base_url=str(server.make_url("/v1")), api_key=key, max_retries=0, timeout=30
+    )
+
+
+async def chat(c: openai.AsyncOpenAI, tokens: int = 40, **kw: Any) -> Any:
+    return await c.chat.completions.with_raw_response.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=tokens,
+        extra_body={"ignore_eos": True},
+        **kw,
+    )
+
+
+async def finish_order(policy: str, start_gateway: GatewayFactory) -> list[str]:
+    server, _ = await start_gateway(fair_config(policy))
+    acme, globex = client_for(server, ACME), client_for(server, GLOBEX)
+    order: list[str] = []
+
+    async def one(c: openai.AsyncOpenAI, name: str) -> None:
+        await chat(c)
+        order.append(name)
+
+    flood = [asyncio.create_task(one(acme, f"acme{i}")) for i in range(5)]
+    await asyncio.sleep(0.1)  # acme holds the engine and four requests wait
+    await asyncio.gather(one(globex, "globex"), *flood)
+    return order
+
+
+async def test_vtc_and_wsc_serve_a_newcomer_before_the_flood_fcfs_does_not(
+    start_gateway: GatewayFactory,
+) -> None:
+    assert (await finish_order("fcfs", start_gateway))[-1] == "globex"
+    for policy in ("vtc", "wsc"):
+        order = await finish_order(policy, start_gateway)
+        assert order.index("globex") <= 2, (policy, order)
+
+
+async def test_continuing_interaction_jumps_the_queue(start_gateway: GatewayFactory) -> None:
+    server, _ = await start_gateway(fair_config("wsc"))
+    acme, globex = client_for(server, ACME), client_for(server, GLOBEX)
+    await chat(globex, 2, extra_headers={"X-Fairway-Interaction": "task-7"})
+    order: list[str] = []
+
+    async def one(c: openai.AsyncOpenAI, name: str, **kw: Any) -> None:
+        await chat(c, **kw)
+        order.append(name)
+
+    flood = [asyncio.create_task(one(acme, f"acme{i}")) for i in range(4)]
+    await asyncio.sleep(0.1)
+    # The same interaction's next call, in the body's metadata this time.
+    await asyncio.gather(one(globex, "step2", metadata={"interaction_id": "task-7"}), *flood)
+    assert order.index("step2") <= 1, order
+
+
+async def test_throttle_only_under_overload_with_retry_after(
+    start_gateway: GatewayFactory,
+) -> None:
+    cfg = fair_config("wsc")
+    cfg["tenants"]["acme"].update(tokens_per_minute=600, burst_tokens=20)
+    server, _ = await start_gateway(cfg)
+    acme = client_for(server, ACME)
+    # Not overloaded: no throttling even beyond the bucket (the debt is remembered).
+    for _ in range(3):
+        raw = await chat(acme, 4)
+        assert raw.headers["x-ratelimit-limit-tokens"] == "600"
+    assert int(raw.headers["x-ratelimit-remaining-tokens"]) == 0
+    assert raw.headers["x-ratelimit-reset-tokens"].endswith("s")
+    globex = client_for(server, GLOBEX)
+    hold = asyncio.create_task(chat(globex, 60))  # the only slot: the model is overloaded
+    await asyncio.sleep(0.05)
+    with pytest.raises(openai.RateLimitError) as err:
+        await chat(acme, 4)
+    assert err.value.status_code == 429
+    body = err.value.body
+    assert isinstance(body, dict) and body["code"] == "rate_limit_exceeded"
+    assert "overloaded" in body["message"] and "acme" in body["message"]
+    retry = int(err.value.response.headers["Retry-After"])
+    assert 1 <= retry <= 60
+    assert err.value.response.headers["x-ratelimit-remaining-tokens"] == "0"
+    await hold
+
+
+async def test_interaction_in_progress_is_never_cut(
+    start_gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    cfg = fair_config("wsc")
+    cfg["tenants"]["acme"].update(tokens_per_minute=600, burst_tokens=100)
+    server, _ = await start_gateway(cfg)
+    acme, globex = client_for(server, ACME), client_for(server, GLOBEX)
+    hdr = {"X-Fairway-Interaction": "agent-run-1"}
+    await chat(acme, 4, extra_headers=hdr)  # opens the interaction while all is calm
+    hold = asyncio.create_task(chat(globex, 60))  # the only slot: the model is overloaded
+    await asyncio.sleep(0.05)
+    # Six more calls of the interaction, far beyond the bucket, during overload: all admitted.
+    calls = [asyncio.create_task(chat(acme, 40, extra_headers=hdr)) for _ in range(6)]
+    await asyncio.sleep(0.05)
+    with pytest.raises(openai.RateLimitError):  # a new interaction is not
+        await chat(acme, 40, extra_headers={"X-Fairway-Interaction": "agent-run-2"})
+    for raw in await asyncio.gather(*calls, hold):
+        assert raw.http_response.status_code == 200
+    text = await (await http.get(server.make_url("/metrics"))).text()
+    assert scrape(text, "fairway_throttled_requests_total", tenant="acme") == 1
+
+
+async def test_queue_limits_answer_429_and_503(start_gateway: GatewayFactory) -> None:
+    server, _ = await start_gateway(fair_config("vtc", max_queue_per_tenant=1, queue_timeout_s=0.3))
+    acme = client_for(server, ACME)
+    hold = asyncio.create_task(chat(acme, 100))  # ~0.8 s
+    await asyncio.sleep(0.05)
+    waiting = asyncio.create_task(chat(acme, 4))
+    await asyncio.sleep(0.05)
+    with pytest.raises(openai.RateLimitError) as full:
+        await chat(acme, 4)
+    assert isinstance(full.value.body, dict) and full.value.body["code"] == "queue_full"
+    with pytest.raises(openai.InternalServerError) as late:
+        await waiting
+    assert late.value.status_code == 503
+    assert isinstance(late.value.body, dict) and late.value.body["code"] == "queue_timeout"
+    assert "saturated" in late.value.body["message"]
+    assert late.value.response.headers["Retry-After"] == "1"
+    await hold
+
+
+async def test_client_that_leaves_the_queue_frees_its_place(
+    start_gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    server, gw = await start_gateway(fair_config("wsc"))
+    acme = client_for(server, ACME)
+    hold = asyncio.create_task(chat(acme, 60))
+    await asyncio.sleep(0.05)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 4}
+    url = server.make_url("/v1/chat/completions")
+
+    async def post() -> None:
+        async with http.post(url, json=body, headers={"Authorization": f"Bearer {ACME}"}):
+            pass
+
+    leaver = asyncio.create_task(post())
+    await asyncio.sleep(0.1)
+    assert gw.gate.dispatcher.policy(MODEL).backlog("acme") == 1
+    leaver.cancel()
+    for _ in range(200):  # the handler is cancelled when the server sees the socket close
+        if not gw.gate.dispatcher.policy(MODEL).backlog("acme"):
+            break
+        await asyncio.sleep(0.01)
+    assert gw.gate.dispatcher.policy(MODEL).backlog("acme") == 0
+    await hold
+    text = await (await http.get(server.make_url("/metrics"))).text()
+    assert scrape(text, "fairway_dropped_requests_total", reason="client_gone") == 1
+    assert scrape(text, "fairway_queue_depth", tenant="acme") == 0
+    assert scrape(text, "fairway_service_counter", tenant="acme") > 0
+    assert gw.gate.dispatcher.load["us-east/llama-3.1-8b/0"].running == 0
+
+
+async def test_admin_view_needs_the_admin_key(
+    start_gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    cfg = fair_config("wsc")
+    cfg["tenants"]["acme"].update(tokens_per_minute=6000)
+    cfg["tenants"]["acme"]["apps"]["chat"] = {
+        "tokens_per_minute": 3000,
+        "expected_output_tokens": 50,
+    }
+    server, _ = await start_gateway(cfg)
+    await chat(client_for(server, ACME), 10)
+    url = server.make_url("/admin/tenants")
+    for headers in ({}, {"Authorization": f"Bearer {ACME}"}):
+        async with http.get(url, headers=headers) as resp:
+            assert resp.status == 401
+            assert "error" in await resp.json()
+    async with http.get(url, headers={"Authorization": f"Bearer {ADMIN}"}) as resp:
+        assert resp.status == 200
+        view = await resp.json()
+    acme = view["tenants"]["acme"]
+    assert view["policy"] == "wsc" and acme["weight"] == 1.0
+    assert acme["bucket"]["tokens_per_minute"] == 6000 and acme["bucket"]["tokens"] < 6000
+    assert acme["apps"]["chat"]["bucket"]["tokens"] < 3000
+    assert acme["models"][MODEL]["counter"] > 0 and acme["models"][MODEL]["queued"] == 0
+    assert view["tenants"]["globex"]["bucket"] is None
+
+
+@pytest.fixture
+async def redis_url(tmp_path: Any) -> Any:
+    """A real redis-server on a free port (the set-up installs Debian's package)."""
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        "redis-server", "--port", str(port), "--save", "", "--appendonly", "no",
+        "--dir", str(tmp_path), stdout=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    import redis.asyncio as aioredis
+
+    r = aioredis.from_url(f"redis://127.0.0.1:{port}/0")
+    for _ in range(100):
+        try:
+            await r.ping()
+            break
+        except Exception:
+            await asyncio.sleep(0.05)
+    await r.aclose()
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    await proc.wait()
+
+
+async def test_two_replicas_share_one_limit_through_redis(
+    start_gateway: GatewayFactory, redis_url: str
+) -> None:
+    cfg = fair_config("wsc")
+    cfg["tenants"]["acme"].update(tokens_per_minute=60, burst_tokens=60)  # one token a second
+    cfg["state"] = {"backend": "redis", "redis_url": redis_url}
+    (s1, _), (s2, _) = await start_gateway(cfg), await start_gateway(cfg)
+    holds = [asyncio.create_task(chat(client_for(s, GLOBEX), 60)) for s in (s1, s2)]
+    await asyncio.sleep(0.05)  # both replicas are overloaded now
+    # ~12 tokens each, alternating replicas: one bucket of 60 between them admits five.
+    calls = [chat(client_for((s1, s2)[i % 2], ACME), 4) for i in range(8)]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    throttled = sum(isinstance(r, openai.RateLimitError) for r in results)
+    assert throttled == 3, results  # with a bucket per replica, none would be
+    await asyncio.gather(*holds)
