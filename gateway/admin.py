@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.gate import Gate, bucket_keys
+from gateway.admission import bucket_keys
+from gateway.gate import Gate
 
 
 async def tenants_view(gate: Gate) -> dict[str, Any]:

@@ -14,7 +14,16 @@ Buckets and interactions are pure here; `gateway.state` keeps them in one proces
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from gateway.config import AppConfig, Config, TenantConfig
+from gateway.fairness import Prices, Ticket
+from gateway.request import RequestInfo
+
+if TYPE_CHECKING:
+    from gateway.dispatch import Dispatcher
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,3 +155,59 @@ def ratelimit_headers(v: Verdict) -> dict[str, str]:
         "x-ratelimit-remaining-tokens": str(int(v.remaining)),
         "x-ratelimit-reset-tokens": format_reset(v.reset_s),
     }
+
+
+Keyed = Sequence[tuple[str, Limit]]
+
+
+def bucket_keys(tenant: TenantConfig, app: AppConfig) -> Keyed:
+    keys: list[tuple[str, Limit]] = []
+    if tenant.tokens_per_minute > 0:
+        keys.append((tenant.name, Limit(tenant.tokens_per_minute, tenant.burst_tokens)))
+    if app.tokens_per_minute > 0:
+        keys.append((f"{tenant.name}/{app.name}", Limit(app.tokens_per_minute, app.burst_tokens)))
+    return keys
+
+
+def expected_output(app: AppConfig, max_tokens: int | None) -> int:
+    return min(app.expected_output_tokens, max_tokens or app.expected_output_tokens)
+
+
+def unit_cost(app: AppConfig, prices: Prices) -> float:
+    return prices.input * app.expected_prompt_tokens + prices.output * app.expected_output_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Admitting:
+    """What the buckets must decide for one request, and its ticket if they let it in."""
+
+    keys: Keyed
+    cost: float  # tokens charged now: prompt + expected output
+    need: float  # tokens the buckets must hold under overload (a whole interaction's worth)
+    enforce: bool  # overloaded and not continuing an interaction
+    ticket: Ticket
+
+
+class Admission:
+    """OIT's decision inputs for a request; the gateway and the simulator share it."""
+
+    def __init__(self, cfg: Config, dispatcher: Dispatcher) -> None:
+        self.cfg = cfg
+        self.dispatcher = dispatcher
+        self.prices = Prices(cfg.fairness.input_price, cfg.fairness.output_price)
+        self.interactions = Interactions(cfg.fairness.interaction_ttl_s)
+
+    def prepare(self, info: RequestInfo, now: float) -> Admitting:
+        tenant = self.cfg.tenants[info.tenant]
+        app = tenant.apps[info.app]
+        out = expected_output(app, info.max_tokens)
+        cost = float(info.prompt_tokens + out)
+        continuing = self.interactions.touch(info.tenant, info.interaction_id, now)
+        opens = info.interaction_id is not None and not continuing
+        need = cost * (app.calls_per_interaction if opens else 1)
+        enforce = not continuing and self.dispatcher.overloaded(info.model)
+        ticket = Ticket(
+            info.id, info.tenant, info.app, info.prompt_tokens, out, now, tenant.weight,
+            unit_cost(app, self.prices), continuing,
+        )  # fmt: skip
+        return Admitting(bucket_keys(tenant, app), cost, need, enforce, ticket)

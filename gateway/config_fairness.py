@@ -23,6 +23,7 @@ class FairnessConfig:
     queue_timeout_s: float = 60.0  # 503 after waiting this long
     rpm_limit: int = 600  # policy "rpm": requests a tenant may start per minute
     interaction_ttl_s: float = 300.0  # an interaction is in progress while calls come this often
+    overload_at: float = 0.9  # OIT throttles from this share of the engines' in-flight limits
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +48,10 @@ def parse_fairness(t: _Table) -> FairnessConfig:
         queue_timeout_s=t.number("queue_timeout_s", d.queue_timeout_s, gt=0),
         rpm_limit=t.integer("rpm_limit", d.rpm_limit, ge=1),
         interaction_ttl_s=t.number("interaction_ttl_s", d.interaction_ttl_s, gt=0),
+        overload_at=t.number("overload_at", d.overload_at, gt=0),
     )
+    if cfg.overload_at > 1:
+        t.errors.append(f"{t.key('overload_at')} must be <= 1, got {cfg.overload_at:g}")
     if cfg.policy not in POLICY_NAMES:
         t.errors.append(
             f"{t.key('policy')} must be one of {list(POLICY_NAMES)}, got {cfg.policy!r}"

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from enum import Enum
 
 from engines.registry import EngineSnapshot
-from gateway.fairness import FairnessPolicy, Ticket
+from gateway.config import Config
+from gateway.fairness import FairnessPolicy, Prices, Ticket, make_policy
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,12 +54,14 @@ class Dispatcher:
         snapshots: Snapshots,
         route: Route,
         max_queue_per_tenant: int,
+        overload_at: float = 1.0,
     ) -> None:
         self._new_policy = policy
         self.limits = limits
         self.snapshots = snapshots
         self.route = route
         self.max_queue = max_queue_per_tenant
+        self.overload_at = overload_at
         self.policies: dict[str, FairnessPolicy] = {}
         self.load: dict[str, Load] = {eid: Load() for eid in limits}
         self.engine_of: dict[str, str] = {}  # rid -> engine, while in flight
@@ -80,12 +83,25 @@ class Dispatcher:
     def open_engines(self, model: str, t: Ticket) -> list[EngineSnapshot]:
         return [s for s in self.snapshots(model) if s.id in self.limits and self._room(s.id, t)]
 
+    def utilisation(self, model: str) -> float:
+        """In-flight load over the limits of the model's healthy engines, 0..1 (or more)."""
+        used = cap = 0.0
+        for s in self.snapshots(model):
+            lim, load = self.limits.get(s.id), self.load.get(s.id)
+            if lim is None or load is None:
+                continue
+            share = load.running / lim.max_running
+            if lim.max_tokens:
+                share = max(share, load.tokens / lim.max_tokens)
+            used += share
+            cap += 1.0
+        return used / cap if cap else 1.0
+
     def overloaded(self, model: str) -> bool:
-        """Every engine saturated, or requests already waiting: OIT may throttle."""
-        if self.policy(model).waiting():
-            return True
-        probe = Ticket("", "", "", 0, 0, 0.0)
-        return not self.open_engines(model, probe)
+        """Requests waiting, or the engines' in-flight load at `overload_at` of their limits:
+        OIT may throttle. Below 1, it throttles before the queue forms, keeping headroom for
+        tenants within their limits."""
+        return bool(self.policy(model).waiting()) or self.utilisation(model) >= self.overload_at
 
     def submit(self, t: Ticket, model: str, now: float) -> tuple[Decision, str]:
         """A request arrives. START comes with its engine, already reserved."""
@@ -145,3 +161,19 @@ class Dispatcher:
                 break
             started.append((t, self._start(t, model, engines, now)))
         return started
+
+
+def build_dispatcher(cfg: Config, snapshots: Snapshots, route: Route) -> Dispatcher:
+    """The dispatcher `cfg` describes; the gateway and the simulator build it the same way."""
+    f = cfg.fairness
+    prices = Prices(f.input_price, f.output_price)
+
+    def rpm(tenant: str) -> int:
+        t = cfg.tenants.get(tenant)
+        return t.rpm if t is not None and t.rpm else f.rpm_limit
+
+    def policy(model: str) -> FairnessPolicy:
+        return make_policy(f.policy, prices, rpm)
+
+    limits = {e.id: EngineLimit(e.max_running, e.max_kv_tokens) for e in cfg.engines}
+    return Dispatcher(policy, limits, snapshots, route, f.max_queue_per_tenant, f.overload_at)

@@ -11,19 +11,18 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engines.registry import EngineRegistry, EngineSnapshot
-from gateway.admission import Interactions, Limit, Verdict, ratelimit_headers
-from gateway.config import AppConfig, Config, TenantConfig
-from gateway.dispatch import Decision, Dispatcher, EngineLimit
+from gateway.admission import Admission, Keyed, Verdict, ratelimit_headers
+from gateway.config import Config
+from gateway.dispatch import Decision, build_dispatcher
 from gateway.errors import ApiError
-from gateway.fairness import FairnessPolicy, Prices, Ticket, make_policy
+from gateway.fairness import Ticket
 from gateway.metrics import GatewayMetrics
 from gateway.request import RequestInfo
 from gateway.routing import RoutingPolicy
-from gateway.state import BucketStore, Keyed
+from gateway.state import BucketStore
 
 
 @dataclass(slots=True, eq=False)
@@ -41,43 +40,6 @@ class Pass:
     future: asyncio.Future[str] | None = None  # resolved with an engine id when picked
 
 
-def bucket_keys(tenant: TenantConfig, app: AppConfig) -> Keyed:
-    keys: list[tuple[str, Limit]] = []
-    if tenant.tokens_per_minute > 0:
-        keys.append((tenant.name, Limit(tenant.tokens_per_minute, tenant.burst_tokens)))
-    if app.tokens_per_minute > 0:
-        keys.append((f"{tenant.name}/{app.name}", Limit(app.tokens_per_minute, app.burst_tokens)))
-    return keys
-
-
-def expected_output(app: AppConfig, max_tokens: int | None) -> int:
-    return min(app.expected_output_tokens, max_tokens or app.expected_output_tokens)
-
-
-def unit_cost(app: AppConfig, prices: Prices) -> float:
-    return prices.input * app.expected_prompt_tokens + prices.output * app.expected_output_tokens
-
-
-def build_dispatcher(
-    cfg: Config,
-    snapshots: Callable[[str], list[EngineSnapshot]],
-    route: Callable[[Ticket, list[EngineSnapshot]], str],
-) -> Dispatcher:
-    """The dispatcher `cfg` describes; the gateway and the simulator build it the same way."""
-    f = cfg.fairness
-    prices = Prices(f.input_price, f.output_price)
-
-    def rpm(tenant: str) -> int:
-        t = cfg.tenants.get(tenant)
-        return t.rpm if t is not None and t.rpm else f.rpm_limit
-
-    def policy(model: str) -> FairnessPolicy:
-        return make_policy(f.policy, prices, rpm)
-
-    limits = {e.id: EngineLimit(e.max_running, e.max_kv_tokens) for e in cfg.engines}
-    return Dispatcher(policy, limits, snapshots, route, f.max_queue_per_tenant)
-
-
 class Gate:
     def __init__(
         self,
@@ -88,12 +50,11 @@ class Gate:
         metrics: GatewayMetrics,
     ) -> None:
         self.cfg = cfg
-        self.prices = Prices(cfg.fairness.input_price, cfg.fairness.output_price)
         self.store = store
         self.metrics = metrics
         self.router = router
         self.dispatcher = build_dispatcher(cfg, registry.snapshots, self._route)
-        self.interactions = Interactions(cfg.fairness.interaction_ttl_s)
+        self.admission = Admission(cfg, self.dispatcher)
         self._timers: dict[str, asyncio.TimerHandle] = {}
 
     def _route(self, t: Ticket, engines: list[EngineSnapshot]) -> str:
@@ -102,25 +63,15 @@ class Gate:
 
     async def enter(self, info: RequestInfo) -> Pass:
         """Admit `info` and wait for its slot; raises ApiError 429 or 503 when it may not go."""
-        tenant = self.cfg.tenants[info.tenant]
-        app = tenant.apps[info.app]
         now = time.monotonic()
-        out = expected_output(app, info.max_tokens)
-        cost = float(info.prompt_tokens + out)
-        continuing = self.interactions.touch(info.tenant, info.interaction_id, now)
-        opens = info.interaction_id is not None and not continuing
-        keys = bucket_keys(tenant, app)
-        overloaded = self.dispatcher.overloaded(info.model)
-        need = cost * (app.calls_per_interaction if opens else 1)
-        verdict = await self.store.admit(keys, cost, need, overloaded and not continuing)
+        a = self.admission.prepare(info, now)
+        keys, cost = a.keys, a.cost
+        verdict = await self.store.admit(keys, cost, a.need, a.enforce)
         headers = ratelimit_headers(verdict)
         if not verdict.admitted:
             self.metrics.throttled.labels(info.tenant, info.app).inc()
             raise self._throttled(info, verdict, headers)
-        ticket = Ticket(
-            info.id, info.tenant, info.app, info.prompt_tokens, out, now, tenant.weight,
-            unit_cost(app, self.prices), continuing,
-        )  # fmt: skip
+        ticket = a.ticket
         p = Pass(info, ticket, "", keys, cost, headers)
         ticket.payload = p
         decision, engine = self.dispatcher.submit(ticket, info.model, now)

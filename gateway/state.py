@@ -8,12 +8,9 @@ one Lua script, on Redis's clock, so N replicas enforce one global limit rather 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from typing import Protocol
 
-from gateway.admission import Bucket, Limit, Verdict, decide
-
-Keyed = Sequence[tuple[str, Limit]]
+from gateway.admission import Bucket, Keyed, Limit, Verdict, decide
 
 
 class BucketStore(Protocol):
@@ -45,13 +42,15 @@ class MemoryStore:
             out.append((key, limit, b))
         return out
 
-    async def admit(self, keys: Keyed, cost: float, need: float, enforce: bool) -> Verdict:
-        now = time.monotonic()
+    def admit_at(self, keys: Keyed, cost: float, need: float, enforce: bool, now: float) -> Verdict:
+        """`admit` on a given clock: the cluster simulator's."""
         return decide(self._get(keys, now), cost, need, enforce, now)
 
+    async def admit(self, keys: Keyed, cost: float, need: float, enforce: bool) -> Verdict:
+        return self.admit_at(keys, cost, need, enforce, time.monotonic())
+
     async def settle(self, keys: Keyed, delta: float) -> None:
-        now = time.monotonic()
-        decide(self._get(keys, now), delta, 0.0, False, now)
+        self.admit_at(keys, delta, 0.0, False, time.monotonic())
 
     async def levels(self, keys: Keyed) -> list[float]:
         now = time.monotonic()
