@@ -134,7 +134,9 @@ class ClusterSim:
             self.by_model.setdefault(spec.model, []).append(engine)
         self.frontend = frontend
         self.now = 0.0
-        self._events: list[tuple[float, int, SimulatedEngine]] = []
+        # Step ends (an engine) and wake-ups the frontend asked for (None).
+        self._events: list[tuple[float, int, SimulatedEngine | None]] = []
+        self._wake_at: float | None = None
         self._tie = itertools.count()
 
     def snapshots(self, model: str) -> list[EngineSnapshot]:
@@ -164,8 +166,12 @@ class ClusterSim:
                 self.now, _, engine = heapq.heappop(self._events)
                 if until is not None and self.now > until:
                     break
-                self._step_done(engine)
+                if engine is None:
+                    self._wake_at = None
+                else:
+                    self._step_done(engine)
             self._dispatch()
+            self._arm_wake()
             on_event()
         return done
 
@@ -181,6 +187,14 @@ class ClusterSim:
             engine.sched.add(seq)
             if engine.plan is None:
                 self._start_step(engine)
+
+    def _arm_wake(self) -> None:
+        """A frontend with rate limits may name a time to be asked again (`wake_at`)."""
+        wake_at = getattr(self.frontend, "wake_at", None)
+        when = wake_at(self.now) if wake_at is not None else None
+        if when is not None and when > self.now and when != self._wake_at:
+            self._wake_at = when
+            heapq.heappush(self._events, (when, next(self._tie), None))
 
     def _start_step(self, engine: SimulatedEngine) -> None:
         plan = engine.sched.schedule()

@@ -294,16 +294,60 @@ class Vtc(_Queued):
 
 
 class Wsc(Vtc):
-    """FairServe's weighted service counter."""
+    """FairServe's weighted service counter.
+
+    Two rules differ from VTC. Only a newly *active* tenant (nothing waiting and nothing in
+    flight) is lifted to the smallest counter of the active tenants: a tenant that keeps
+    requests running below its share keeps its lower counter when it has to queue, instead of
+    being lifted level with a flooding tenant. And a call that continues an interaction goes
+    first, unless its tenant is more than `lead` typical requests ahead of the least served
+    waiting tenant, so an agent is not stalled halfway but cannot ride interactions past its
+    share."""
 
     name = "wsc"
     lanes = True
+    lead = 1.0  # in units of one typical request of the application
+
+    def __init__(self, prices: Prices = Prices()) -> None:
+        super().__init__(prices)
+        self.in_flight: dict[str, int] = {}
+        self._floor = 0.0
 
     def _scale(self, t: Ticket) -> float:
         return 1.0 / (t.weight * t.unit_cost)
 
+    def _becomes_backlogged(self, tenant: str) -> None:
+        if self.in_flight.get(tenant, 0):
+            return
+        active = [
+            self.served.get(k, 0.0)
+            for k in {*(k for k, q in self.queues.items() if q), *self.in_flight}
+            if k != tenant
+        ]
+        if active:
+            self.served[tenant] = max(self.served.get(tenant, 0.0), min(active))
+
+    def charge_admission(self, t: Ticket, now: float) -> None:
+        super().charge_admission(t, now)
+        self.in_flight[t.tenant] = self.in_flight.get(t.tenant, 0) + 1
+
+    def on_finish(self, t: Ticket, prompt_tokens: int, output_tokens: int) -> None:
+        super().on_finish(t, prompt_tokens, output_tokens)
+        left = self.in_flight.get(t.tenant, 0) - 1
+        if left > 0:
+            self.in_flight[t.tenant] = left
+        else:
+            self.in_flight.pop(t.tenant, None)
+
+    def pop_next(self, now: float) -> Ticket | None:
+        backlogged = [self.served.get(k, 0.0) for k, q in self.queues.items() if q]
+        self._floor = min(backlogged, default=0.0) + self.lead
+        return super().pop_next(now)
+
     def _key(self, tenant: str, head: Ticket) -> Any:
-        return (not head.continuing, self.served.get(tenant, 0.0), head.seq)
+        counter = self.served.get(tenant, 0.0)
+        first = head.continuing and counter <= self._floor
+        return (not first, counter, head.seq)
 
 
 POLICY_NAMES = ("fcfs", "rpm", "vtc", "wsc")

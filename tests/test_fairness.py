@@ -171,3 +171,32 @@ def test_dispatcher_counts_tokens_against_kv_limits() -> None:
     assert d.submit(ticket("s1", "a", prompt=300), "m", 0.0) == (Decision.START, "e1")
     assert d.submit(ticket("s2", "a", prompt=300), "m", 0.0)[0] is Decision.QUEUED
     assert d.load["e1"].tokens == 400
+
+
+def test_wsc_lifts_only_newly_active_tenants() -> None:
+    for policy, expected in ((Vtc(), 300.0), (Wsc(), 1.0)):
+        flood = [ticket(f"a{i}", "a", unit_cost=300.0) for i in range(3)]
+        for t in flood:
+            policy.enqueue(t, 0.0)
+        first = policy.pop_next(0.0)
+        assert first is not None
+        policy.charge_admission(first, 0.0)
+        policy.on_tokens(first, 100)  # a: 300 service = 1 WSC unit
+        steady = ticket("b0", "b", unit_cost=300.0)
+        policy.charge_admission(steady, 0.0)  # b has a request running, started without waiting
+        policy.enqueue(ticket("b1", "b", unit_cost=300.0), 0.0)
+        # VTC lifts b level with the flood; WSC keeps b's own, lower, counter: b goes first.
+        lifted = policy.counters()["b"]
+        assert (lifted >= expected) if policy.name == "vtc" else (lifted < expected)
+        assert (policy.pop_next(0.0).rid == "b1") == (policy.name == "wsc")  # type: ignore[union-attr]
+
+
+def test_wsc_continuations_cannot_ride_past_their_share() -> None:
+    p = Wsc()
+    for i in range(3):
+        p.enqueue(ticket(f"a{i}", "a", unit_cost=300.0), 0.0)
+    p.served["b"] = 5.0  # b is five typical requests ahead of a
+    p.enqueue(ticket("b-cont", "b", unit_cost=300.0, continuing=True), 0.0)
+    assert p.pop_next(0.0).rid == "a0"  # type: ignore[union-attr]
+    p.served["b"] = 0.5
+    assert p.pop_next(0.0).rid == "b-cont"  # type: ignore[union-attr]
