@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fairway-installed
 
-.PHONY: setup serve test lint typecheck pytest bench bench-all clean
+.PHONY: setup serve test lint typecheck pytest bench bench-all bench-fairness clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,12 @@ test: lint typecheck pytest
 
 bench: setup
 	$(BIN)/python benchmarks/gateway_overhead.py
+
+# Fairness policies on the cluster simulator, then live through the gateway with locust:
+# docs/FAIRNESS.md.
+bench-fairness: setup
+	$(BIN)/python benchmarks/fairness.py
+	$(BIN)/python benchmarks/fairness_live.py
 
 # The same benchmark with LiteLLM's proxy and vllm-router in front of the same engines, each
 # installed from PyPI into its own virtualenv under .bench/.
