@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from typing import Protocol
 
+import structlog
+
 from gateway.admission import Bucket, Keyed, Limit, Verdict, decide
 
 
@@ -99,12 +101,19 @@ return out
 
 
 class RedisStore:
+    """Buckets in Redis. If Redis cannot be reached the gateway fails open: requests are
+    admitted unthrottled (and the error logged) rather than refused for an outage that is not
+    the client's."""
+
     def __init__(self, url: str, prefix: str = "fairway:") -> None:
         import redis.asyncio as aioredis  # only deployments with Redis need the client
+        from redis.exceptions import RedisError
 
-        self.redis = aioredis.from_url(url)
+        self.redis = aioredis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
         self.prefix = prefix
         self._admit = self.redis.register_script(_ADMIT)
+        self._errors: tuple[type[BaseException], ...] = (RedisError, OSError)
+        self.log = structlog.get_logger("fairway.state")
 
     async def _run(
         self, keys: Keyed, cost: float, need: float, enforce: bool
@@ -119,7 +128,11 @@ class RedisStore:
     async def admit(self, keys: Keyed, cost: float, need: float, enforce: bool) -> Verdict:
         if not keys:
             return Verdict(True)
-        ok, wait, levels = await self._run(keys, cost, need, enforce)
+        try:
+            ok, wait, levels = await self._run(keys, cost, need, enforce)
+        except self._errors as exc:
+            self.log.warning("bucket_store_unavailable", error=str(exc))
+            return Verdict(True)
         # Rebuild the buckets as they now are to derive the headers the same way as in memory.
         buckets = [(k, lim, Bucket(lv, 0.0)) for (k, lim), lv in zip(keys, levels, strict=True)]
         v = decide(buckets, 0.0, 0.0, False, 0.0)
@@ -127,12 +140,18 @@ class RedisStore:
 
     async def settle(self, keys: Keyed, delta: float) -> None:
         if keys:
-            await self._run(keys, delta, 0.0, False)
+            try:
+                await self._run(keys, delta, 0.0, False)
+            except self._errors as exc:
+                self.log.warning("bucket_store_unavailable", error=str(exc))
 
     async def levels(self, keys: Keyed) -> list[float]:
         if not keys:
             return []
-        return (await self._run(keys, 0.0, 0.0, False))[2]
+        try:
+            return (await self._run(keys, 0.0, 0.0, False))[2]
+        except self._errors:
+            return [float("nan")] * len(keys)
 
     async def close(self) -> None:
         await self.redis.aclose()

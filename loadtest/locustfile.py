@@ -183,13 +183,15 @@ class InitechBatch(FairwayUser):
 
 
 class Abuser(FairwayUser):
-    """initech's batch key sent back to back: many times its share."""
+    """initech's batch key sent back to back: many times its share. FAIRWAY_ABUSERS pins how
+    many of these users run, whatever -u says."""
 
     key = "sk-initech-batch"
     tenant = "initech"
     app = "batch"
     wait_time = constant(0)
     weight = 1
+    fixed_count = int(os.environ.get("FAIRWAY_ABUSERS", "0"))
 
 
 class TraceShape(LoadTestShape):

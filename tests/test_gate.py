@@ -247,3 +247,13 @@ async def test_two_replicas_share_one_limit_through_redis(
     throttled = sum(isinstance(r, openai.RateLimitError) for r in results)
     assert throttled == 3, results  # with a bucket per replica, none would be
     await asyncio.gather(*holds)
+
+
+async def test_unreachable_redis_fails_open(start_gateway: GatewayFactory) -> None:
+    cfg = fair_config("wsc")
+    cfg["tenants"]["acme"].update(tokens_per_minute=600)
+    cfg["state"] = {"backend": "redis", "redis_url": f"redis://127.0.0.1:{free_port()}/0"}
+    server, _ = await start_gateway(cfg)
+    raw = await chat(client_for(server, ACME), 4)
+    assert raw.http_response.status_code == 200
+    assert "x-ratelimit-limit-tokens" not in raw.headers  # no bucket could be read

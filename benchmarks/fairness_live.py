@@ -1,0 +1,160 @@
+"""Fairness live: locust through `fairway serve` on simulated engines, one run per policy.
+
+Starts the gateway as a user does (`fairway serve` on a generated config: the shipped tenants,
+keys and applications, two simulated A100 engines with 8 requests in flight each), runs the
+locust users of loadtest/locustfile.py headless against it, and reports VTC's metrics and
+per-tenant TTFT from the requests locust recorded. The section between the `live` markers of
+docs/FAIRNESS.md is replaced with the tables.
+
+    .venv/bin/python benchmarks/fairness_live.py [--seconds 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+from gateway_overhead import machine  # noqa: E402
+
+from loadtest.report import load, tables  # noqa: E402
+
+BIN = Path(sys.executable).parent
+WEIGHTS = {"acme": 2.0, "globex": 1.0, "initech": 1.0}
+# (label, fairness policy, token buckets on, locust user classes)
+RUNS = (
+    ("fcfs, abuser", "fcfs", False, ("AcmeChat", "AcmeAgent", "GlobexChat", "Abuser")),
+    ("vtc, abuser", "vtc", False, ("AcmeChat", "AcmeAgent", "GlobexChat", "Abuser")),
+    ("wsc+oit, abuser", "wsc", True, ("AcmeChat", "AcmeAgent", "GlobexChat", "Abuser")),
+    ("wsc+oit, no abuser", "wsc", True, ("AcmeChat", "AcmeAgent", "GlobexChat", "InitechBatch")),
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
+    return repr(v)
+
+
+def write_config(path: Path, port: int, policy: str, buckets: bool) -> None:
+    shipped = tomllib.loads((ROOT / "config.toml").read_text())
+    lines = [
+        f'[server]\nport = {port}\nhost = "127.0.0.1"\n',
+        '[logging]\nlevel = "warning"\n',
+        "[sim]\ntime_scale = 2.0\nseed = 7\n",
+        f'[fairness]\npolicy = "{policy}"\noverload_at = 0.6\nqueue_timeout_s = 120.0\n',
+    ]
+    for name, t in shipped["tenants"].items():
+        lines.append(f"[tenants.{name}]")
+        lines.append(f"weight = {t['weight']}")
+        if buckets:  # about a weighted share of what the two engines serve, in tokens a minute
+            lines.append(f"tokens_per_minute = {300000 * t['weight']:.0f}\nburst_tokens = 50000")
+        for app, a in t["apps"].items():
+            shape = {k: v for k, v in a.items() if k != "tokens_per_minute"}
+            lines.append(f"apps.{app} = {toml_value(shape)}")
+        lines.append(f"keys = {toml_value(t['keys'])}\n")
+    for _ in range(2):
+        lines.append('[[engines.us-east."llama-3.1-8b"]]\nkind = "sim"\ngpu = "A100"')
+        lines.append("max_running = 8\n")
+    path.write_text("\n".join(lines))
+
+
+def wait_healthy(url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"gateway at {url} did not become healthy")
+
+
+def run(label: str, policy: str, buckets: bool, users: tuple[str, ...], seconds: int,
+        work: Path) -> Path:  # fmt: skip
+    port = free_port()
+    cfg = work / f"{policy}-{len(users)}-{buckets}.toml"
+    write_config(cfg, port, policy, buckets)
+    records = work / (re.sub(r"[^a-z0-9]+", "-", label) + ".jsonl")
+    url = f"http://127.0.0.1:{port}"
+    gw = subprocess.Popen([str(BIN / "fairway"), "serve", "--config", str(cfg)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        wait_healthy(url)
+        env = {**os.environ, "FAIRWAY_RECORDS": str(records), "FAIRWAY_MAX_OUTPUT": "64",
+               "FAIRWAY_CYCLE_S": "3", "FAIRWAY_ABUSERS": "10"}  # fmt: skip
+        subprocess.run(
+            [str(BIN / "locust"), "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless",
+             "-u", "22", "-r", "22", "-t", f"{seconds}s", "-H", url, "--only-summary", *users],
+            env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+    finally:
+        gw.terminate()
+        gw.wait(10)
+    return records
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    ap.add_argument("--seconds", type=int, default=60)
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "FAIRNESS.md")
+    args = ap.parse_args()
+    body: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, policy, buckets, users in RUNS:
+            t0 = time.perf_counter()
+            path = run(label, policy, buckets, users, args.seconds, Path(tmp))
+            lines = tables(load(path, WEIGHTS), window_s=10.0, label=label)
+            print(f"{label}: {time.perf_counter() - t0:.0f} s")
+            print("\n".join(lines) + "\n")
+            body += [*lines, ""]
+    section = (
+        "<!-- live -->\n## Live run through the gateway\n\n"
+        f"Measured {time.strftime('%Y-%m-%d')} on {machine()}, with "
+        "`.venv/bin/python benchmarks/fairness_live.py`: `fairway serve` with the shipped "
+        "tenants (acme weight 2 with a chat and an agent application, globex and initech "
+        "weight 1) in front of two simulated A100 engines (8 requests in flight each, time "
+        f"scale 2), and locust for {args.seconds} s per run: acme's chat and agent users, "
+        "globex's chat users and, as `Abuser`, ten initech users sending back to back "
+        "(`InitechBatch`, one user's share, in the no-abuser run). Lengths from the Azure "
+        "trace, outputs capped at 64 tokens. Service windows of 10 s. The client, the gateway "
+        "and the engines share this machine's two cores, so absolute times include that.\n\n"
+        + "\n".join(body)
+        + "<!-- /live -->"
+    )
+    text = args.out.read_text() if args.out.exists() else ""
+    if "<!-- live -->" in text:
+        text = re.sub(r"<!-- live -->.*<!-- /live -->", lambda _: section, text, flags=re.S)
+    else:
+        text += "\n" + section + "\n"
+    args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
