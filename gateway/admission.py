@@ -119,8 +119,16 @@ class Interactions:
         self.max_size = max_size
         self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()
 
+    def in_progress(self, tenant: str, interaction: str | None, now: float) -> bool:
+        """Whether a call of `interaction` now continues an interaction in progress."""
+        if interaction is None:
+            return False
+        last = self._seen.get((tenant, interaction))
+        return last is not None and now - last <= self.ttl_s
+
     def touch(self, tenant: str, interaction: str | None, now: float) -> bool:
-        """Record a call; returns True when it continues an interaction in progress."""
+        """Record an admitted call; returns True when it continued an interaction in
+        progress. Only admitted calls count: a refused first call opens nothing."""
         if interaction is None:
             return False
         key = (tenant, interaction)
@@ -202,7 +210,7 @@ class Admission:
         app = tenant.apps[info.app]
         out = expected_output(app, info.max_tokens)
         cost = float(info.prompt_tokens + out)
-        continuing = self.interactions.touch(info.tenant, info.interaction_id, now)
+        continuing = self.interactions.in_progress(info.tenant, info.interaction_id, now)
         opens = info.interaction_id is not None and not continuing
         need = cost * (app.calls_per_interaction if opens else 1)
         enforce = not continuing and self.dispatcher.overloaded(info.model)
@@ -211,3 +219,7 @@ class Admission:
             unit_cost(app, self.prices), continuing,
         )  # fmt: skip
         return Admitting(bucket_keys(tenant, app), cost, need, enforce, ticket)
+
+    def admitted(self, info: RequestInfo, now: float) -> None:
+        """The request passed the buckets and has a place: its interaction is in progress."""
+        self.interactions.touch(info.tenant, info.interaction_id, now)

@@ -75,6 +75,8 @@ class Gate:
         p = Pass(info, ticket, "", keys, cost, headers)
         ticket.payload = p
         decision, engine = self.dispatcher.submit(ticket, info.model, now)
+        if decision in (Decision.START, Decision.QUEUED):
+            self.admission.admitted(info, now)
         if decision is Decision.START:
             p.engine = engine
             return p

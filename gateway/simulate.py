@@ -79,6 +79,8 @@ class GateFrontend:
                 return
         a.ticket.payload = job
         decision, engine = self.dispatcher.submit(a.ticket, info.model, now)
+        if decision in (Decision.START, Decision.QUEUED):
+            self.admission.admitted(info, now)
         if decision is Decision.START:
             self._ready.append((job, engine))
         elif decision is not Decision.QUEUED:

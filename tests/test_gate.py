@@ -257,3 +257,18 @@ async def test_unreachable_redis_fails_open(start_gateway: GatewayFactory) -> No
     raw = await chat(client_for(server, ACME), 4)
     assert raw.http_response.status_code == 200
     assert "x-ratelimit-limit-tokens" not in raw.headers  # no bucket could be read
+
+
+async def test_a_refused_first_call_opens_no_interaction(start_gateway: GatewayFactory) -> None:
+    cfg = fair_config("wsc")
+    cfg["tenants"]["acme"].update(tokens_per_minute=600, burst_tokens=20)
+    server, _ = await start_gateway(cfg)
+    acme, globex = client_for(server, ACME), client_for(server, GLOBEX)
+    await chat(acme, 16)  # empties the bucket while all is calm
+    hold = asyncio.create_task(chat(globex, 60))
+    await asyncio.sleep(0.05)
+    hdr = {"X-Fairway-Interaction": "fresh-task"}
+    for _ in range(2):  # retrying the refused opening call does not make it a continuation
+        with pytest.raises(openai.RateLimitError):
+            await chat(acme, 4, extra_headers=hdr)
+    await hold
