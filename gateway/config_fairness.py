@@ -23,7 +23,7 @@ class FairnessConfig:
     queue_timeout_s: float = 60.0  # 503 after waiting this long
     rpm_limit: int = 600  # policy "rpm": requests a tenant may start per minute
     interaction_ttl_s: float = 300.0  # an interaction is in progress while calls come this often
-    overload_at: float = 0.9  # OIT throttles from this share of the engines' in-flight limits
+    overload_at: float = 0.6  # OIT throttles from this share of the engines' in-flight limits
 
 
 @dataclass(frozen=True, slots=True)
