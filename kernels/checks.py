@@ -2,8 +2,9 @@
 
 Layout (vLLM's paged KV cache, one layer):
 - query        [batch, num_q_heads, head_dim]               one new token per sequence
-- key_cache    [num_blocks, block_size, num_kv_heads, head_dim]  any strides, last dim contiguous
-- value_cache  same shape as key_cache
+- key_cache    [num_blocks, block_size, num_kv_heads, head_dim]  any strides with a unit stride
+               in head_dim (GPU layouts) or in block_size (vLLM's CPU layout keeps K transposed)
+- value_cache  same shape as key_cache, same rule
 - block_tables [batch, max_blocks_per_seq] int32             page ids, rows may be shuffled
 - seq_lens     [batch] int32                                 tokens in the cache, new one included
 Query head i reads KV head i // (num_q_heads // num_kv_heads), as in vLLM.
@@ -57,6 +58,15 @@ def _last_dim_contiguous(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must be contiguous in its last dimension, strides {t.stride()}")
 
 
+def _cache_strides(name: str, t: torch.Tensor) -> None:
+    if t.stride(3) != 1 and t.stride(1) != 1:
+        raise ValueError(
+            f"{name} needs a unit stride in head_dim or in block_size, strides {t.stride()}"
+        )
+    if min(t.stride()) < 0:
+        raise ValueError(f"{name} has negative strides {t.stride()}")
+
+
 def check_decode_inputs(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -104,8 +114,9 @@ def check_decode_inputs(
     for name, t in (("block_tables", block_tables), ("seq_lens", seq_lens)):
         if t.dtype != torch.int32:
             raise TypeError(f"{name} must be int32, got {t.dtype}")
-    tensors = {"query": query, "key_cache": key_cache, "value_cache": value_cache}
-    tensors |= {"block_tables": block_tables, "seq_lens": seq_lens}
+    _cache_strides("key_cache", key_cache)
+    _cache_strides("value_cache", value_cache)
+    tensors = {"query": query, "block_tables": block_tables, "seq_lens": seq_lens}
     if out is not None:
         if out.shape != query.shape:
             raise ValueError(f"out shape {tuple(out.shape)} != query shape {tuple(query.shape)}")
@@ -113,9 +124,10 @@ def check_decode_inputs(
             raise TypeError(f"out dtype {out.dtype} != query dtype {query.dtype}")
         tensors["out"] = out
     for name, t in tensors.items():
+        _last_dim_contiguous(name, t)
+    for name, t in (tensors | {"key_cache": key_cache, "value_cache": value_cache}).items():
         if t.device != query.device:
             raise ValueError(f"{name} is on {t.device}, query on {query.device}")
-        _last_dim_contiguous(name, t)
     return DecodeShape(
         batch, num_q_heads, num_kv_heads, head_dim, block_size, block_tables.shape[1]
     )

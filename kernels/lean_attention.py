@@ -39,8 +39,8 @@ def _lean_decode_kernel(
     pair_tile_start_ptr, prog_tile_start_ptr, prog_pair_ptr, pair_first_prog_ptr, pair_nseg_ptr,
     part_acc_ptr, part_m_ptr, part_l_ptr, counter_ptr,
     qk_scale, num_kv_heads, group,
-    stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    stride_btb, stride_ob, stride_oh,
+    stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd, stride_btb, stride_ob, stride_oh,
     PAGE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -62,7 +62,8 @@ def _lean_decode_kernel(
         q = load_query_group(q_ptr, b, h, group, stride_qb, stride_qh, BLOCK_G, HEAD_DIM)
         acc, m_i, l_i = attend_tiles(
             q, k_ptr, v_ptr, bt_ptr + b * stride_btb, h, seq_len, t - ps, seg_end - ps,
-            qk_scale, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+            qk_scale, stride_kb, stride_kt, stride_kh, stride_kd,
+            stride_vb, stride_vt, stride_vh, stride_vd,
             PAGE, BLOCK_G, BLOCK_N, HEAD_DIM, PRECISION,
         )  # fmt: skip
         if (t == ps) & (seg_end == pe):
@@ -245,8 +246,7 @@ def run(
         p.part_acc, p.part_m, p.part_l, p.counters,
         p.scale * math.log2(math.e), shape.num_kv_heads, shape.group,
         query.stride(0), query.stride(1),
-        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        *key_cache.stride(), *value_cache.stride(),
         block_tables.stride(0), out.stride(0), out.stride(1),
         PAGE=shape.block_size, BLOCK_G=p.block_g, BLOCK_N=p.block_n, HEAD_DIM=shape.head_dim,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",

@@ -39,9 +39,11 @@ def attend_tiles(
     stride_kb,
     stride_kt,
     stride_kh,
+    stride_kd,
     stride_vb,
     stride_vt,
     stride_vh,
+    stride_vd,
     PAGE: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -65,7 +67,9 @@ def attend_tiles(
         page = tl.load(bt_row_ptr + tok // PAGE, mask=valid, other=0).to(tl.int64)
         slot = tok % PAGE
         k_off = page * stride_kb + slot * stride_kt + h * stride_kh
-        k = tl.load(k_ptr + k_off[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+        k = tl.load(
+            k_ptr + k_off[:, None] + offs_d[None, :] * stride_kd, mask=valid[:, None], other=0.0
+        )
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -73,7 +77,9 @@ def attend_tiles(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v_off = page * stride_vb + slot * stride_vt + h * stride_vh
-        v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(
+            v_ptr + v_off[:, None] + offs_d[None, :] * stride_vd, mask=valid[:, None], other=0.0
+        )
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     return acc, m_i, l_i
