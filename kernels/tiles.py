@@ -15,6 +15,13 @@ import triton.language as tl
 
 
 @triton.jit
+def _finite_or_zero(m):
+    # A row that has seen no token yet keeps m = -inf; exp2(-inf - 0) = 0 weighs it out
+    # where exp2(-inf - -inf) would be NaN.
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
 def load_query_group(
     q_ptr, b, h, group, stride_qb, stride_qh, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr
 ):
@@ -52,8 +59,8 @@ def attend_tiles(
 ):
     """Online softmax of the query group over tiles [tile_lo, tile_hi) of one pair.
 
-    Returns (acc, m, l) in fp32. Every tile holds at least one token below seq_len (the caller
-    only passes tiles that start before it), so m is finite after the first tile.
+    Returns (acc, m, l) in fp32. Tiles past seq_len contribute nothing (a plan made from upper
+    bounds of the lengths stays correct); a row that saw no token ends with m = -inf, l = 0.
     """
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -73,8 +80,9 @@ def attend_tiles(
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        m_ref = _finite_or_zero(m_new)
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(s - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v_off = page * stride_vb + slot * stride_vt + h * stride_vh
         v = tl.load(
@@ -110,6 +118,7 @@ def store_output(
 def merge_partial(acc, m_i, l_i, acc_j, m_j, l_j):
     """Combine two partial results of the same pair (see the module docstring)."""
     m_new = tl.maximum(m_i, m_j)
-    a = tl.exp2(m_i - m_new)
-    c = tl.exp2(m_j - m_new)
+    m_ref = _finite_or_zero(m_new)
+    a = tl.exp2(m_i - m_ref)
+    c = tl.exp2(m_j - m_ref)
     return acc * a[:, None] + acc_j * c[:, None], m_new, l_i * a + l_j * c

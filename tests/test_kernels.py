@@ -118,6 +118,20 @@ def test_replaying_a_plan_is_deterministic_and_resets_counters() -> None:
     assert_close(second, batch, torch.float32)
 
 
+def test_plan_from_upper_bounds_of_the_lengths() -> None:
+    """A plan may be made from lengths that overshoot (vLLM's host-side upper bounds): tiles
+    and whole segments past a sequence's end contribute nothing."""
+    batch = make_batch(batch=3, num_q_heads=8, num_kv_heads=2, head_dim=64, block_size=16,
+                       dtype=torch.float32, device=DEVICE)  # fmt: skip
+    over = (batch.seq_lens + 40).cpu()
+    width = -(-int(over.max()) // 16)
+    tables = torch.zeros(3, width, dtype=torch.int32, device=DEVICE)
+    tables[:, : batch.block_tables.shape[1]] = batch.block_tables
+    batch.block_tables = tables
+    p = la.plan(over, num_q_heads=8, num_kv_heads=2, head_dim=64, device=DEVICE, num_programs=6)
+    assert_close(la.run(p, *batch.args()), batch, torch.float32)
+
+
 def test_vllm_cpu_layout_with_transposed_keys() -> None:
     """vLLM's CPU cache keeps each page's keys as [head_dim, block_size]: strided views work."""
     batch = make_batch(batch=3, num_q_heads=4, num_kv_heads=2, head_dim=64, block_size=32,
