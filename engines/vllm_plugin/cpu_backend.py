@@ -1,0 +1,135 @@
+"""LeanAttention over vLLM's CPU attention backend (the `CPU_ATTN` slot).
+
+vLLM's CPU cache holds, per page and KV head, the keys transposed ([head_dim, block_size]) and
+then the values ([block_size, head_dim]), for its portable `vec` layout (block sizes that are a
+multiple of 32, no AMX). The kernel reads that layout through strided views; other layouts,
+prefill and features the kernel lacks stay on vLLM's own kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from vllm.v1.attention.backend import AttentionType
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadata,
+    CPUAttentionMetadataBuilder,
+)
+
+from engines.vllm_plugin.calls import LaunchLog
+from kernels import lean_attention as la
+from kernels.checks import HEAD_DIMS
+
+PORTABLE_ISA = "vec"
+
+
+def cpu_cache_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[num_blocks, kv_heads, block_size, 2 * head_dim] as key and value views shaped
+    [num_blocks, block_size, kv_heads, head_dim], for the `vec` layout."""
+    blocks, heads, block_size, two_d = kv_cache.shape
+    d = two_d // 2
+    page, head = kv_cache.stride(0), kv_cache.stride(1)
+    shape = (blocks, block_size, heads, d)
+    keys = kv_cache.as_strided(shape, (page, 1, head, block_size))
+    values = kv_cache.as_strided(
+        shape, (page, d, head, 1), kv_cache.storage_offset() + block_size * d
+    )
+    return keys, values
+
+
+@dataclass
+class LeanCPUMetadata(CPUAttentionMetadata):
+    lean_plan: la.LeanPlan | None = None
+
+
+class LeanCPUMetadataBuilder(CPUAttentionMetadataBuilder):
+    """vLLM's metadata plus a LeanAttention plan for pure decode batches, made once per batch
+    and shared by every layer."""
+
+    def build(
+        self, common_prefix_len: int, common_attn_metadata: Any, fast_build: bool = False
+    ) -> LeanCPUMetadata:
+        meta = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        values = {f.name: getattr(meta, f.name) for f in fields(meta)}
+        plan = None
+        decode = meta.max_query_len == 1 and meta.num_actual_tokens == meta.seq_lens.shape[0]
+        if decode and self.isa == PORTABLE_ISA and self.head_dim in HEAD_DIMS:
+            plan = la.plan(
+                meta.seq_lens,
+                num_q_heads=self.num_heads,
+                num_kv_heads=self.num_kv_heads,
+                head_dim=self.head_dim,
+                device=meta.seq_lens.device,
+            )
+        return LeanCPUMetadata(**values, lean_plan=plan)
+
+
+class LeanCPUAttentionImpl(CPUAttentionBackendImpl):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.launches = LaunchLog()
+        # Features the kernel does not implement send a layer to vLLM's kernel for good.
+        self.lean_capable = (
+            self.attn_type == AttentionType.DECODER
+            and self.alibi_slopes is None
+            and self.sliding_window == -1
+            and not self.logits_soft_cap
+            and self.sinks is None
+            and self.kv_cache_dtype == "auto"
+        )
+
+    def forward(
+        self,
+        layer: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: LeanCPUMetadata | None,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        plan = getattr(attn_metadata, "lean_plan", None)
+        if (
+            attn_metadata is None
+            or plan is None
+            or not self.lean_capable
+            or output_scale is not None
+            or output_block_scale is not None
+            or getattr(layer, "isa", None) != PORTABLE_ISA
+        ):
+            result: torch.Tensor = super().forward(
+                layer, query, key, value, kv_cache, attn_metadata, output,
+                output_scale, output_block_scale,
+            )  # fmt: skip
+            return result
+        n = attn_metadata.num_actual_tokens
+        keys, values = cpu_cache_views(kv_cache)
+        la.run(
+            plan,
+            query[:n],
+            keys,
+            values,
+            attn_metadata.block_table,
+            attn_metadata.seq_lens,
+            out=output[:n].view(n, self.num_heads, self.head_size),
+        )
+        self.launches.record(str(getattr(layer, "layer_name", "?")), n, plan.num_programs)
+        return output
+
+
+class LeanCPUAttentionBackend(CPUAttentionBackend):
+    """vLLM's CPU backend with decode through LeanAttention; keeps the name CPU_ATTN."""
+
+    @staticmethod
+    def get_impl_cls() -> type[LeanCPUAttentionImpl]:
+        return LeanCPUAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[LeanCPUMetadataBuilder]:
+        return LeanCPUMetadataBuilder

@@ -1,0 +1,132 @@
+"""LeanAttention in vLLM's `CUSTOM` slot on GPUs (`--attention-backend CUSTOM`).
+
+Extends vLLM's Triton backend, whose KV cache is [num_blocks, kv_heads, block_size,
+2 * head_dim] in memory: transposed and split it is the kernel's [num_blocks, block_size,
+kv_heads, head_dim] with a unit stride in head_dim. Pure decode batches of plain decoder layers
+go through LeanAttention; prefill, mixed batches and features the kernel lacks through vLLM's
+Triton kernel. The plan is made per batch on the host from vLLM's host-side upper bounds of the
+sequence lengths (no device sync), so full CUDA graphs are declined; piecewise graphs, which run
+attention eagerly, are unaffected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+from vllm.v1.attention.backend import AttentionCGSupport, AttentionType
+from vllm.v1.attention.backends.triton_attn import (
+    TritonAttentionBackend,
+    TritonAttentionImpl,
+    TritonAttentionMetadata,
+    TritonAttentionMetadataBuilder,
+)
+
+from engines.vllm_plugin.calls import LaunchLog
+from kernels import lean_attention as la
+from kernels.checks import HEAD_DIMS
+
+
+@dataclass
+class LeanTritonMetadata(TritonAttentionMetadata):
+    lean_plan: la.LeanPlan | None = None
+
+
+class LeanTritonMetadataBuilder(TritonAttentionMetadataBuilder):
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+    def build(
+        self, common_prefix_len: int, common_attn_metadata: Any, fast_build: bool = False
+    ) -> LeanTritonMetadata:
+        meta = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        values = {f.name: getattr(meta, f.name) for f in fields(meta)}
+        plan = None
+        num_reqs = common_attn_metadata.num_reqs
+        head_dim = self.kv_cache_spec.head_size
+        if (
+            meta.max_query_len == 1
+            and meta.num_actual_tokens == num_reqs
+            and (head_dim in HEAD_DIMS)
+        ):
+            lens = common_attn_metadata.seq_lens_cpu_upper_bound
+            lens = meta.seq_lens.cpu() if lens is None else lens
+            plan = la.plan(
+                lens[:num_reqs],
+                num_q_heads=self.num_heads_q,
+                num_kv_heads=self.num_heads_kv,
+                head_dim=head_dim,
+                device=meta.seq_lens.device,
+            )
+        return LeanTritonMetadata(**values, lean_plan=plan)
+
+
+class LeanTritonImpl(TritonAttentionImpl):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.launches = LaunchLog()
+        self.lean_capable = (
+            self.attn_type == AttentionType.DECODER
+            and self.alibi_slopes is None
+            and self.sliding_window in (None, (-1, -1))
+            and not self.logits_soft_cap
+            and getattr(self, "sinks", None) is None
+            and self.kv_cache_dtype == "auto"
+        )
+
+    def forward(
+        self,
+        layer: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: LeanTritonMetadata | None,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        plan = getattr(attn_metadata, "lean_plan", None)
+        if (
+            attn_metadata is None
+            or plan is None
+            or not self.lean_capable
+            or output_scale is not None
+            or output_block_scale is not None
+        ):
+            result: torch.Tensor = super().forward(
+                layer, query, key, value, kv_cache, attn_metadata, output,
+                output_scale, output_block_scale,
+            )  # fmt: skip
+            return result
+        n = attn_metadata.num_actual_tokens
+        pages = kv_cache.transpose(1, 2)
+        keys = pages.narrow(-1, 0, self.head_size)
+        values = pages.narrow(-1, self.head_size, self.head_size)
+        la.run(
+            plan,
+            query[:n],
+            keys,
+            values,
+            attn_metadata.block_table[:n],
+            attn_metadata.seq_lens[:n],
+            out=output[:n].view(n, self.num_heads, self.head_size),
+        )
+        self.launches.record(str(getattr(layer, "layer_name", "?")), n, plan.num_programs)
+        return output
+
+
+class LeanAttentionBackend(TritonAttentionBackend):
+    """vLLM's Triton backend with decode through LeanAttention."""
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"
+
+    @staticmethod
+    def get_impl_cls() -> type[LeanTritonImpl]:
+        return LeanTritonImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[LeanTritonMetadataBuilder]:
+        return LeanTritonMetadataBuilder
