@@ -64,5 +64,10 @@ $(OTHERS)/vllm-router/bin/vllm-router:
 	$(PYTHON) -m venv $(OTHERS)/vllm-router
 	$(OTHERS)/vllm-router/bin/pip install --quiet vllm-router
 
+# LeanAttention against the split-KV baseline, FlashAttention-2, FlashInfer and vLLM's kernel
+# on an NVIDIA GPU; writes the figures into docs/KERNELS.md. Needs a CUDA build of torch.
+bench-kernels: setup
+	$(BIN)/python -m kernels.bench
+
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) $(OTHERS) .pytest_cache .mypy_cache .ruff_cache *.egg-info
