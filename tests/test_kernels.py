@@ -19,9 +19,9 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from kernels import lean_attention as la  # noqa: E402
+from kernels.inputs import TOLERANCES, PagedBatch, make_batch  # noqa: E402
 from kernels.reference import decode_attention_reference  # noqa: E402
 from kernels.split_kv import split_kv_attention  # noqa: E402
-from tests.kernel_inputs import TOLERANCES, PagedBatch, make_batch  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -1,4 +1,4 @@
-"""Random paged decode batches for the kernel tests: fresh each run, with the seed reported."""
+"""Random paged decode batches for tests and accuracy runs: fresh each call, seed reported."""
 
 from __future__ import annotations
 
