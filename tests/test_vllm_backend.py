@@ -140,6 +140,7 @@ def test_lean_attention_backend_matches_stock_vllm(
     # Every decode step after the first token runs once per layer (2 layers).
     steps = MAX_TOKENS - 1
     assert len(launches) >= 2 * steps, f"{len(launches)} launches:\n{tail(log)}"
-    assert all(line.startswith("lean_attention layer=model.layers.") for line in launches)
+    layers = {line.split("layer=")[1].split()[0] for line in launches}
+    assert layers == {f"model.layers.{i}.self_attn.attn" for i in range(2)}, layers
     assert max(int(line.split("seqs=")[1].split()[0]) for line in launches) > 1
     assert "LeanAttention decode kernel in use" in log.read_text(errors="replace")
