@@ -18,6 +18,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
+from engines.vllm_plugin.layouts import cpu_cache_views, gpu_cache_views  # noqa: E402
 from kernels import lean_attention as la  # noqa: E402
 from kernels.inputs import TOLERANCES, PagedBatch, make_batch  # noqa: E402
 from kernels.reference import decode_attention_reference  # noqa: E402
@@ -132,15 +133,33 @@ def test_plan_from_upper_bounds_of_the_lengths() -> None:
     assert_close(la.run(p, *batch.args()), batch, torch.float32)
 
 
-def test_vllm_cpu_layout_with_transposed_keys() -> None:
-    """vLLM's CPU cache keeps each page's keys as [head_dim, block_size]: strided views work."""
+def test_kernel_reads_vllm_cpu_cache_in_place() -> None:
+    """vLLM's CPU cache ("vec" layout): per page and KV head, keys as [head_dim, block_size],
+    then values as [block_size, head_dim]."""
     batch = make_batch(batch=3, num_q_heads=4, num_kv_heads=2, head_dim=64, block_size=32,
                        dtype=torch.float32, device=DEVICE)  # fmt: skip
-    k = batch.key_cache
-    k_t = k.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # same values, token stride 1
-    assert k_t.stride(1) == 1
-    batch.key_cache = k_t
+    k, v = batch.key_cache, batch.value_cache  # [blocks, block_size, heads, d]
+    blocks, block_size, heads, d = k.shape
+    keys_t = k.permute(0, 2, 3, 1).reshape(blocks, heads, d * block_size)  # [d, block_size]
+    vals = v.permute(0, 2, 1, 3).reshape(blocks, heads, block_size * d)
+    cache = torch.cat([keys_t, vals], dim=-1).view(blocks, heads, block_size, 2 * d)
+    keys, values = cpu_cache_views(cache)
+    assert torch.equal(keys, k) and torch.equal(values, v) and keys.stride(1) == 1
+    batch.key_cache, batch.value_cache = keys, values
     assert_close(run_lean(batch, num_programs=4), batch, torch.float32)
+
+
+def test_kernel_reads_vllm_gpu_cache_in_place() -> None:
+    """vLLM's Triton backend: [blocks, heads, block_size, 2 * d] holding, per token and head,
+    the key then the value."""
+    batch = make_batch(batch=2, num_q_heads=8, num_kv_heads=2, head_dim=64, block_size=16,
+                       dtype=torch.float16, device=DEVICE)  # fmt: skip
+    k, v = batch.key_cache, batch.value_cache
+    cache = torch.cat([k, v], dim=-1).transpose(1, 2).contiguous()
+    keys, values = gpu_cache_views(cache, 64)
+    assert torch.equal(keys, k) and torch.equal(values, v)
+    batch.key_cache, batch.value_cache = keys, values
+    assert_close(run_lean(batch, num_programs=3), batch, torch.float16)
 
 
 def test_one_call_wrapper_matches_reference() -> None:

@@ -1,9 +1,8 @@
 """LeanAttention over vLLM's CPU attention backend (the `CPU_ATTN` slot).
 
-vLLM's CPU cache holds, per page and KV head, the keys transposed ([head_dim, block_size]) and
-then the values ([block_size, head_dim]), for its portable `vec` layout (block sizes that are a
-multiple of 32, no AMX). The kernel reads that layout through strided views; other layouts,
-prefill and features the kernel lacks stay on vLLM's own kernel.
+The kernel reads vLLM's portable `vec` cache layout (block sizes that are a multiple of 32, no
+AMX) in place through strided views (layouts.py); other layouts, prefill and features the
+kernel lacks stay on vLLM's own kernel.
 """
 
 from __future__ import annotations
@@ -21,24 +20,11 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from engines.vllm_plugin.calls import LaunchLog
+from engines.vllm_plugin.layouts import cpu_cache_views
 from kernels import lean_attention as la
 from kernels.checks import HEAD_DIMS
 
 PORTABLE_ISA = "vec"
-
-
-def cpu_cache_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[num_blocks, kv_heads, block_size, 2 * head_dim] as key and value views shaped
-    [num_blocks, block_size, kv_heads, head_dim], for the `vec` layout."""
-    blocks, heads, block_size, two_d = kv_cache.shape
-    d = two_d // 2
-    page, head = kv_cache.stride(0), kv_cache.stride(1)
-    shape = (blocks, block_size, heads, d)
-    keys = kv_cache.as_strided(shape, (page, 1, head, block_size))
-    values = kv_cache.as_strided(
-        shape, (page, d, head, 1), kv_cache.storage_offset() + block_size * d
-    )
-    return keys, values
 
 
 @dataclass

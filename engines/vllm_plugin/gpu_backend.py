@@ -1,12 +1,10 @@
 """LeanAttention in vLLM's `CUSTOM` slot on GPUs (`--attention-backend CUSTOM`).
 
-Extends vLLM's Triton backend, whose KV cache is [num_blocks, kv_heads, block_size,
-2 * head_dim] in memory: transposed and split it is the kernel's [num_blocks, block_size,
-kv_heads, head_dim] with a unit stride in head_dim. Pure decode batches of plain decoder layers
-go through LeanAttention; prefill, mixed batches and features the kernel lacks through vLLM's
-Triton kernel. The plan is made per batch on the host from vLLM's host-side upper bounds of the
-sequence lengths (no device sync), so full CUDA graphs are declined; piecewise graphs, which run
-attention eagerly, are unaffected.
+Extends vLLM's Triton backend, whose cache the kernel reads in place (layouts.py). Pure decode
+batches of plain decoder layers go through LeanAttention; prefill, mixed batches and features
+the kernel lacks through vLLM's Triton kernel. The plan is made per batch on the host from
+vLLM's host-side upper bounds of the sequence lengths (no device sync), so full CUDA graphs are
+declined; piecewise graphs, which run attention eagerly, are unaffected.
 """
 
 from __future__ import annotations
@@ -24,6 +22,7 @@ from vllm.v1.attention.backends.triton_attn import (
 )
 
 from engines.vllm_plugin.calls import LaunchLog
+from engines.vllm_plugin.layouts import gpu_cache_views
 from kernels import lean_attention as la
 from kernels.checks import HEAD_DIMS
 
@@ -100,9 +99,7 @@ class LeanTritonImpl(TritonAttentionImpl):
             )  # fmt: skip
             return result
         n = attn_metadata.num_actual_tokens
-        pages = kv_cache.transpose(1, 2)
-        keys = pages.narrow(-1, 0, self.head_size)
-        values = pages.narrow(-1, self.head_size, self.head_size)
+        keys, values = gpu_cache_views(kv_cache, self.head_size)
         la.run(
             plan,
             query[:n],
