@@ -18,6 +18,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
+from engines.vllm_plugin.decode import decode_plan  # noqa: E402
 from engines.vllm_plugin.layouts import cpu_cache_views, gpu_cache_views  # noqa: E402
 from kernels import lean_attention as la  # noqa: E402
 from kernels.inputs import TOLERANCES, PagedBatch, make_batch  # noqa: E402
@@ -160,6 +161,19 @@ def test_kernel_reads_vllm_gpu_cache_in_place() -> None:
     assert torch.equal(keys, k) and torch.equal(values, v)
     batch.key_cache, batch.value_cache = keys, values
     assert_close(run_lean(batch, num_programs=3), batch, torch.float16)
+
+
+def test_vllm_plans_only_batches_of_one_new_token_per_request() -> None:
+    kw = {"num_q_heads": 8, "num_kv_heads": 2, "head_dim": 64, "device": torch.device("cpu")}
+    lens = torch.tensor([5, 40, 7, 0], dtype=torch.int32)  # a padded slot past num_reqs
+    p = decode_plan(max_query_len=1, num_actual_tokens=3, num_reqs=3, seq_lens_cpu=lens, **kw)
+    assert p is not None and p.batch == 3 and p.max_seq_len == 40
+    prefill = decode_plan(max_query_len=6, num_actual_tokens=8, num_reqs=3, seq_lens_cpu=lens,
+                          **kw)  # fmt: skip
+    assert prefill is None
+    kw["head_dim"] = 96
+    assert decode_plan(max_query_len=1, num_actual_tokens=3, num_reqs=3, seq_lens_cpu=lens,
+                       **kw) is None  # fmt: skip
 
 
 def test_one_call_wrapper_matches_reference() -> None:

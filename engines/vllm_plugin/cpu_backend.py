@@ -19,10 +19,9 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from engines.vllm_plugin.calls import LaunchLog
+from engines.vllm_plugin.decode import LeanDecode, decode_plan
 from engines.vllm_plugin.layouts import cpu_cache_views
 from kernels import lean_attention as la
-from kernels.checks import HEAD_DIMS
 
 PORTABLE_ISA = "vec"
 
@@ -33,19 +32,18 @@ class LeanCPUMetadata(CPUAttentionMetadata):
 
 
 class LeanCPUMetadataBuilder(CPUAttentionMetadataBuilder):
-    """vLLM's metadata plus a LeanAttention plan for pure decode batches, made once per batch
-    and shared by every layer."""
-
     def build(
         self, common_prefix_len: int, common_attn_metadata: Any, fast_build: bool = False
     ) -> LeanCPUMetadata:
         meta = super().build(common_prefix_len, common_attn_metadata, fast_build)
         values = {f.name: getattr(meta, f.name) for f in fields(meta)}
         plan = None
-        decode = meta.max_query_len == 1 and meta.num_actual_tokens == meta.seq_lens.shape[0]
-        if decode and self.isa == PORTABLE_ISA and self.head_dim in HEAD_DIMS:
-            plan = la.plan(
-                meta.seq_lens,
+        if self.isa == PORTABLE_ISA:
+            plan = decode_plan(
+                max_query_len=meta.max_query_len,
+                num_actual_tokens=meta.num_actual_tokens,
+                num_reqs=common_attn_metadata.num_reqs,
+                seq_lens_cpu=meta.seq_lens,  # already on the host
                 num_q_heads=self.num_heads,
                 num_kv_heads=self.num_kv_heads,
                 head_dim=self.head_dim,
@@ -54,12 +52,10 @@ class LeanCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         return LeanCPUMetadata(**values, lean_plan=plan)
 
 
-class LeanCPUAttentionImpl(CPUAttentionBackendImpl):
+class LeanCPUAttentionImpl(LeanDecode, CPUAttentionBackendImpl):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.launches = LaunchLog()
-        # Features the kernel does not implement send a layer to vLLM's kernel for good.
-        self.lean_capable = (
+        self.init_lean(
             self.attn_type == AttentionType.DECODER
             and self.alibi_slopes is None
             and self.sliding_window == -1
@@ -80,33 +76,18 @@ class LeanCPUAttentionImpl(CPUAttentionBackendImpl):
         output_scale: torch.Tensor | None = None,
         output_block_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        plan = getattr(attn_metadata, "lean_plan", None)
         if (
-            attn_metadata is None
-            or plan is None
-            or not self.lean_capable
-            or output_scale is not None
-            or output_block_scale is not None
-            or getattr(layer, "isa", None) != PORTABLE_ISA
+            output_scale is None
+            and output_block_scale is None
+            and getattr(layer, "isa", None) == PORTABLE_ISA
+            and self.lean_decode(layer, query, kv_cache, attn_metadata, output, cpu_cache_views)
         ):
-            result: torch.Tensor = super().forward(
-                layer, query, key, value, kv_cache, attn_metadata, output,
-                output_scale, output_block_scale,
-            )  # fmt: skip
-            return result
-        n = attn_metadata.num_actual_tokens
-        keys, values = cpu_cache_views(kv_cache)
-        la.run(
-            plan,
-            query[:n],
-            keys,
-            values,
-            attn_metadata.block_table,
-            attn_metadata.seq_lens,
-            out=output[:n].view(n, self.num_heads, self.head_size),
-        )
-        self.launches.record(str(getattr(layer, "layer_name", "?")), n, plan.num_programs)
-        return output
+            return output
+        result: torch.Tensor = super().forward(
+            layer, query, key, value, kv_cache, attn_metadata, output,
+            output_scale, output_block_scale,
+        )  # fmt: skip
+        return result
 
 
 class LeanCPUAttentionBackend(CPUAttentionBackend):

@@ -10,6 +10,7 @@ declined; piecewise graphs, which run attention eagerly, are unaffected.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -21,10 +22,9 @@ from vllm.v1.attention.backends.triton_attn import (
     TritonAttentionMetadataBuilder,
 )
 
-from engines.vllm_plugin.calls import LaunchLog
+from engines.vllm_plugin.decode import LeanDecode, decode_plan
 from engines.vllm_plugin.layouts import gpu_cache_views
 from kernels import lean_attention as la
-from kernels.checks import HEAD_DIMS
 
 
 @dataclass
@@ -40,31 +40,24 @@ class LeanTritonMetadataBuilder(TritonAttentionMetadataBuilder):
     ) -> LeanTritonMetadata:
         meta = super().build(common_prefix_len, common_attn_metadata, fast_build)
         values = {f.name: getattr(meta, f.name) for f in fields(meta)}
-        plan = None
-        num_reqs = common_attn_metadata.num_reqs
-        head_dim = self.kv_cache_spec.head_size
-        if (
-            meta.max_query_len == 1
-            and meta.num_actual_tokens == num_reqs
-            and (head_dim in HEAD_DIMS)
-        ):
-            lens = common_attn_metadata.seq_lens_cpu_upper_bound
-            lens = meta.seq_lens.cpu() if lens is None else lens
-            plan = la.plan(
-                lens[:num_reqs],
-                num_q_heads=self.num_heads_q,
-                num_kv_heads=self.num_heads_kv,
-                head_dim=head_dim,
-                device=meta.seq_lens.device,
-            )
+        lens = getattr(common_attn_metadata, "seq_lens_cpu_upper_bound", None)
+        plan = decode_plan(
+            max_query_len=meta.max_query_len,
+            num_actual_tokens=meta.num_actual_tokens,
+            num_reqs=common_attn_metadata.num_reqs,
+            seq_lens_cpu=meta.seq_lens.cpu() if lens is None else lens,
+            num_q_heads=self.num_heads_q,
+            num_kv_heads=self.num_heads_kv,
+            head_dim=self.kv_cache_spec.head_size,
+            device=meta.seq_lens.device,
+        )
         return LeanTritonMetadata(**values, lean_plan=plan)
 
 
-class LeanTritonImpl(TritonAttentionImpl):
+class LeanTritonImpl(LeanDecode, TritonAttentionImpl):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.launches = LaunchLog()
-        self.lean_capable = (
+        self.init_lean(
             self.attn_type == AttentionType.DECODER
             and self.alibi_slopes is None
             and self.sliding_window in (None, (-1, -1))
@@ -85,32 +78,18 @@ class LeanTritonImpl(TritonAttentionImpl):
         output_scale: torch.Tensor | None = None,
         output_block_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        plan = getattr(attn_metadata, "lean_plan", None)
+        views = partial(gpu_cache_views, head_dim=self.head_size)
         if (
-            attn_metadata is None
-            or plan is None
-            or not self.lean_capable
-            or output_scale is not None
-            or output_block_scale is not None
+            output_scale is None
+            and output_block_scale is None
+            and self.lean_decode(layer, query, kv_cache, attn_metadata, output, views)
         ):
-            result: torch.Tensor = super().forward(
-                layer, query, key, value, kv_cache, attn_metadata, output,
-                output_scale, output_block_scale,
-            )  # fmt: skip
-            return result
-        n = attn_metadata.num_actual_tokens
-        keys, values = gpu_cache_views(kv_cache, self.head_size)
-        la.run(
-            plan,
-            query[:n],
-            keys,
-            values,
-            attn_metadata.block_table[:n],
-            attn_metadata.seq_lens[:n],
-            out=output[:n].view(n, self.num_heads, self.head_size),
-        )
-        self.launches.record(str(getattr(layer, "layer_name", "?")), n, plan.num_programs)
-        return output
+            return output
+        result: torch.Tensor = super().forward(
+            layer, query, key, value, kv_cache, attn_metadata, output,
+            output_scale, output_block_scale,
+        )  # fmt: skip
+        return result
 
 
 class LeanAttentionBackend(TritonAttentionBackend):
