@@ -32,6 +32,7 @@ DRY_GRID = {"batches": (1, 2), "contexts": (40,)}
 L2_COPIES = 4  # KV bytes per shape at least this many times the L2 size
 MEMORY_SHARE = 0.8  # of free device memory that one shape may use
 SPLITS = 16  # the split-KV baseline's fixed split count
+GRAPH_RUNS = 10  # runs per CUDA graph replay, at least
 
 
 @dataclass(frozen=True)
@@ -90,16 +91,8 @@ def make_shape(s: Setup, batch: int, context: int, with_contiguous: bool) -> Sha
     tables = list(order.view(copies, batch, pages).unbind(0))
     contiguous = None
     if with_contiguous:
-        from kernels.reference import gather_kv
-
-        contiguous = [
-            tuple(
-                torch.stack([gather_kv(c, t[b], context) for b in range(batch)]).transpose(1, 2)
-                .contiguous()
-                for c in (key_cache, value_cache)
-            )
-            for t in tables
-        ]  # fmt: skip
+        contiguous = [(contiguous_kv(key_cache, t, context), contiguous_kv(value_cache, t, context))
+                      for t in tables]  # fmt: skip
     return Shape(
         batch=batch,
         context=context,
@@ -109,8 +102,19 @@ def make_shape(s: Setup, batch: int, context: int, with_contiguous: bool) -> Sha
         value_cache=value_cache,
         tables=tables,
         seq_lens=torch.full((batch,), context, dtype=torch.int32, device=s.device),
-        contiguous_kv=contiguous,  # type: ignore[arg-type]
+        contiguous_kv=contiguous,
     )
+
+
+def contiguous_kv(cache: torch.Tensor, tables: torch.Tensor, context: int) -> torch.Tensor:
+    """The paged cache's sequences as [batch, kv_heads, context, head_dim], one at a time."""
+    from kernels.reference import gather_kv
+
+    batch, (_, _, heads, dim) = tables.shape[0], cache.shape
+    out = torch.empty(batch, heads, context, dim, device=cache.device, dtype=cache.dtype)
+    for b in range(batch):
+        out[b] = gather_kv(cache, tables[b], context).transpose(0, 1)
+    return out
 
 
 Runner = Callable[[int], torch.Tensor]  # copy index -> output [B, Hq, D]
@@ -165,12 +169,14 @@ def flashinfer_runner(s: Setup, sh: Shape) -> Runner:
     import flashinfer  # type: ignore[import-not-found]
 
     pages = sh.tables[0].shape[1]
-    workspace = torch.empty(128 << 20, dtype=torch.uint8, device=s.device)
+    # Each wrapper keeps its plan in its workspace, so every copy gets one.
+    size = max(32 << 20, (256 << 20) // sh.copies)
     indptr = torch.arange(sh.batch + 1, dtype=torch.int32, device=s.device) * pages
     last = torch.full((sh.batch,), sh.context - (pages - 1) * s.block_size, dtype=torch.int32,
                       device=s.device)  # fmt: skip
     wrappers = []
     for table in sh.tables:
+        workspace = torch.empty(size, dtype=torch.uint8, device=s.device)
         w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD")
         w.plan(indptr, table.flatten(), last, s.q_heads, s.kv_heads, s.head_dim,
                s.block_size, q_data_type=s.dtype, kv_data_type=s.dtype)  # fmt: skip
@@ -190,22 +196,38 @@ def vllm_runner(s: Setup, sh: Shape) -> Runner:
 
 
 def median_seconds(s: Setup, fn: Runner, copies: int) -> float:
-    """Median over s.runs timed runs after s.warmup, cycling through the KV copies."""
+    """Median seconds per run over s.runs timings after s.warmup runs, cycling through the KV
+    copies. On a GPU each timing replays a CUDA graph of at least GRAPH_RUNS runs, so the
+    host's launch overhead (Python argument checks included) is not counted; a contender that
+    cannot be captured is timed eagerly, one run per timing."""
     for i in range(s.warmup):
         fn(i % copies)
-    times = []
-    for i in range(s.runs):
-        if s.device.type == "cuda":
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(i % copies)
-            stop.record()
-            stop.synchronize()
-            times.append(start.elapsed_time(stop) / 1e3)
-        else:
+    if s.device.type != "cuda":
+        times = []
+        for i in range(s.runs):
             t0 = time.perf_counter()
             fn(i % copies)
             times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+    per_replay = max(copies, GRAPH_RUNS)
+    graph: torch.cuda.CUDAGraph | None = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            for i in range(per_replay):
+                fn(i % copies)
+    except Exception:
+        graph, per_replay = None, 1
+    times = []
+    for i in range(s.runs):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        if graph is None:
+            fn(i % copies)
+        else:
+            graph.replay()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop) / 1e3 / per_replay)
     return statistics.median(times)
 
 
@@ -224,7 +246,10 @@ def measure(s: Setup, grid: dict[str, tuple[int, ...]]) -> tuple[float, list[dic
     rows: list[dict[str, object]] = []
     for context in grid["contexts"]:
         for batch in grid["batches"]:
-            sh = make_shape(s, batch, context, with_contiguous=True)
+            try:
+                sh = make_shape(s, batch, context, with_contiguous=True)
+            except torch.OutOfMemoryError:
+                sh = None
             if sh is None:
                 print(f"skip batch {batch} context {context}: does not fit in memory")
                 continue
@@ -237,7 +262,8 @@ def measure(s: Setup, grid: dict[str, tuple[int, ...]]) -> tuple[float, list[dic
                     row[name] = fn
                     continue
                 got = fn(0).float().view_as(want)
-                if not torch.allclose(got, want, atol=3e-2, rtol=3e-2):
+                # Long contexts average many values into small outputs: scale the tolerance.
+                if (got - want).abs().max() > 2e-2 * want.abs().max() + 1e-4:
                     row[name] = "n/a (mismatch)"
                     continue
                 row[name] = median_seconds(s, fn, sh.copies) * 1e6
