@@ -31,6 +31,9 @@ from kernels.tiles import attend_tiles, load_query_group, merge_partial, store_o
 
 PROGRAMS_PER_SM = 2
 INTERPRETER_PROGRAMS = 8
+# Both attention kernels launch with these; three stages keep two K/V tiles in flight while one
+# is consumed (about 39 KB of shared memory per program, see kernels/aot.py).
+LAUNCH_OPTIONS = {"num_warps": 4, "num_stages": 3}
 
 
 @triton.jit
@@ -250,7 +253,7 @@ def run(
         block_tables.stride(0), out.stride(0), out.stride(1),
         PAGE=shape.block_size, BLOCK_G=p.block_g, BLOCK_N=p.block_n, HEAD_DIM=shape.head_dim,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=2,
+        **LAUNCH_OPTIONS,
     )  # fmt: skip
     return out
 

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from kernels.checks import check_decode_inputs
-from kernels.lean_attention import default_block_n
+from kernels.lean_attention import LAUNCH_OPTIONS, default_block_n
 from kernels.tiles import attend_tiles, load_query_group, merge_partial, store_output
 
 DEFAULT_SPLITS = 16
@@ -112,7 +112,7 @@ def split_kv_attention(
         block_tables.stride(0),
         PAGE=shape.block_size, BLOCK_G=block_g, BLOCK_N=block_n, HEAD_DIM=shape.head_dim,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=2,
+        **LAUNCH_OPTIONS,
     )  # fmt: skip
     _merge_splits_kernel[(pairs,)](
         part_acc, part_m, part_l, out, shape.num_kv_heads, shape.group, num_splits,
