@@ -4,5 +4,6 @@
   (plan() once per batch on the host, run() to launch)
 - split_kv: the split-KV (FlashDecoding-style) baseline
 - reference: the PyTorch reference; checks: the input contract shared by all three
-- bench: the GPU benchmark (make bench-kernels); accuracy: worst errors over random batches
+- bench: the GPU benchmark (make bench-kernels); accuracy: worst errors over random batches;
+  aot: compile for NVIDIA GPUs on a machine without one
 """
