@@ -46,7 +46,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def serve(model: Path, log: Path, extra_env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     venv = VLLM_PYTHON.parent.parent
-    env = os.environ | extra_env
+    # The stock run must not inherit the plugin's switches from the caller's environment.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FAIRWAY_LEAN")} | extra_env
     env |= {
         "LD_PRELOAD": str(venv / "lib" / "libiomp5.so"),
         "VLLM_CPU_KVCACHE_SPACE": "1",
