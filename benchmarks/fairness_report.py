@@ -213,6 +213,10 @@ def write_report(
         sweep="\n".join(sweep_lines),
         tenants="\n".join(tenant_table([r for r in runs if r.workload.startswith("azure")])),
     )
+    # Keep the live run's section (benchmarks/fairness_live.py writes it).
+    old = out.read_text() if out.exists() else ""
+    if "<!-- live -->" in old:
+        text += "\n" + old[old.index("<!-- live -->") : old.index("<!-- /live -->") + 14] + "\n"
     out.write_text(text)
     summary["meta"] = meta
     (figs / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -109,6 +109,7 @@ class FairwayUser(HttpUser):
         first: float | None = None
         tokens = prompt_tokens = 0
         status = 0
+        retry: str | None = None
         with self.client.post(
             "/v1/chat/completions", json=body, headers=headers, stream=True,
             catch_response=True, name=name,
@@ -128,6 +129,7 @@ class FairwayUser(HttpUser):
                 resp.success()
             else:
                 resp.failure(f"{status}: {resp.text[:200]}")
+                retry = resp.headers.get("Retry-After")
         end = time.time()
         events = self.environment.events.request
         if first is not None:
@@ -135,6 +137,8 @@ class FairwayUser(HttpUser):
                         response_length=0, exception=None, context={})  # fmt: skip
             events.fire(request_type="STREAM", name=name, response_time=(end - start) * 1000,
                         response_length=tokens, exception=None, context={})  # fmt: skip
+        if status == 429 and retry:  # back off as the openai SDK does
+            time.sleep(min(float(retry), 30.0))
         record(tenant=self.tenant, app=self.app, interaction=interaction, arrival=start,
                first_token=first, finish=end,
                prompt_tokens=prompt_tokens or prompt, output_tokens=tokens,
