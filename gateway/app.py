@@ -17,6 +17,7 @@ from aiohttp import web
 from prometheus_client import generate_latest
 
 from engines.health import health_loop
+from engines.perf_model import GPUS, MODELS
 from engines.protocol import error_response, json_response
 from engines.registry import EngineRegistry, EngineState
 from engines.sim.engine import SimEngineConfig
@@ -24,10 +25,14 @@ from engines.sim.server import build_app as build_sim_app
 from gateway.auth import KeyRing
 from gateway.config import Config, EngineConfig
 from gateway.errors import ApiError
+from gateway.featurelog import FeatureLog
+from gateway.features import Record
+from gateway.latency_router import EngineProfile, build_policy
+from gateway.lengths import REGIONS_HEADER, LengthService
 from gateway.metrics import GatewayMetrics
+from gateway.predictor import LengthPredictor
 from gateway.proxy import Outcome, Proxy
-from gateway.request import INTERACTION_HEADER, Endpoint, measure, parse_body
-from gateway.routing import LeastOutstanding
+from gateway.request import INTERACTION_HEADER, Endpoint, RequestInfo, measure, parse_body
 from gateway.upstream import UpstreamPool
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -51,6 +56,7 @@ class Gateway:
     proxy: Proxy
     probes: aiohttp.ClientSession  # health checks and load scraping
     ids: Iterator[str] = field(default_factory=request_ids)
+    lengths: LengthService | None = None  # output-length prediction and the feature log
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
@@ -89,6 +95,7 @@ async def _proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
     rid = given if given and _REQUEST_ID.match(given) else next(gw.ids)
     out = Outcome()
     tenant = app = model = "-"
+    predicted: tuple[RequestInfo, Record] | None = None
     try:
         principal = gw.keys.authenticate(request.headers.get("Authorization"))
         tenant, app = principal.tenant, principal.app
@@ -121,6 +128,9 @@ async def _proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
             )
         info = measure(body, endpoint, principal, rid, request.headers.get(INTERACTION_HEADER),
                        arrival)  # fmt: skip
+        if gw.lengths is not None:
+            predicted = gw.lengths.annotate(info, body, request.headers.get(REGIONS_HEADER))
+            info = predicted[0]
         return await gw.proxy.forward(request, info, body, out)
     except ApiError as exc:
         out.status = exc.status
@@ -132,6 +142,11 @@ async def _proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
         raise
     finally:
         _account(gw, rid, tenant, app, model, out, arrival)
+        if predicted is not None and gw.lengths is not None:
+            done = out.status == 200 and out.usage.completion_tokens is not None
+            gw.lengths.finish(*predicted, out.usage.completion_tokens if done else None,
+                              engine=out.engine, ttft=out.ttft,
+                              latency=time.perf_counter() - arrival)  # fmt: skip
 
 
 def _account(
@@ -218,6 +233,15 @@ async def _start_sim(cfg: Config, e: EngineConfig) -> tuple[web.AppRunner, str]:
     return runner, f"http://{cfg.sim.host}:{port}"
 
 
+def engine_profiles(engines: list[EngineConfig]) -> dict[str, EngineProfile]:
+    """Perf-model profiles for the router, for engines whose gpu and arch are known presets."""
+    return {
+        e.id: EngineProfile.named(e.gpu, e.arch, e.tp, e.max_num_seqs, e.max_batched_tokens)
+        for e in engines
+        if e.gpu in GPUS and e.arch in MODELS
+    }
+
+
 def build_app(cfg: Config) -> web.Application:
     """The gateway application for `cfg`; sim engines start with it, inside its event loop."""
     app = web.Application(client_max_size=cfg.server.max_body_bytes, middlewares=[openai_errors])
@@ -241,9 +265,18 @@ def build_app(cfg: Config) -> web.Application:
             pool = UpstreamPool(cfg.server.connect_timeout_s, cfg.server.read_timeout_s)
             session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
             metrics = GatewayMetrics()
-            proxy = Proxy(registry, LeastOutstanding(), pool, metrics, cfg.server)
-            gw = Gateway(cfg, KeyRing(cfg.tenants), metrics, registry, proxy, session)
+            rc = cfg.routing
+            policy = build_policy(rc.policy, engine_profiles(engines), rc.region_threshold)
+            proxy = Proxy(registry, policy, pool, metrics, cfg.server)
+            flog = None
+            if rc.feature_log_dir:
+                flog = FeatureLog(rc.feature_log_dir, rc.feature_log_max_bytes, rc.feature_log_keep)
+            lengths = LengthService(LengthPredictor(rc.model_path or None), flog,
+                                    rc.preferred_regions)  # fmt: skip
+            gw = Gateway(cfg, KeyRing(cfg.tenants), metrics, registry, proxy, session,
+                         lengths=lengths)  # fmt: skip
             app[GATEWAY] = gw
+            reload = asyncio.get_running_loop().create_task(lengths.watch(rc.reload_interval_s))
 
             def on_change(engine: EngineState, event: str) -> None:
                 metrics.engine_healthy.labels(engine.model, engine.id, engine.region).set(
@@ -258,9 +291,11 @@ def build_app(cfg: Config) -> web.Application:
             health = asyncio.get_running_loop().create_task(probes)
             log.info("started", engines=len(engines), models=registry.models)
             yield
-            health.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await health
+            for task in (health, reload):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            lengths.close()
             await session.close()
             await pool.close()
         finally:

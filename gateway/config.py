@@ -81,6 +81,23 @@ class SimConfig:
     host: str = "127.0.0.1"
 
 
+ROUTING_POLICIES = (
+    "predicted-latency", "round-robin", "jsq", "least-tokens", "power-of-two", "least-outstanding",
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingConfig:
+    policy: str = "predicted-latency"
+    region_threshold: float = 0.7  # leave the preferred region above this utilisation
+    preferred_regions: tuple[str, ...] = ()  # for requests without an X-Fairway-Regions header
+    model_path: str = ""  # the length model from `fairway train-router`; empty: running means
+    reload_interval_s: float = 2.0  # how often the model file is checked for a new version
+    feature_log_dir: str = ""  # empty: no feature log
+    feature_log_max_bytes: int = 64 << 20
+    feature_log_keep: int = 5
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig
@@ -88,6 +105,7 @@ class Config:
     engines: tuple[EngineConfig, ...]
     sim: SimConfig
     log_level: str = "info"
+    routing: RoutingConfig = RoutingConfig()
 
     @property
     def models(self) -> list[str]:
@@ -167,6 +185,35 @@ def _server(t: _Table) -> ServerConfig:
     return cfg
 
 
+def _routing(t: _Table) -> RoutingConfig:
+    d = RoutingConfig()
+    policy = t.get("policy", str, d.policy)
+    if policy not in ROUTING_POLICIES:
+        t.errors.append(
+            f"{t.key('policy')} must be one of {', '.join(ROUTING_POLICIES)}, got {policy!r}"
+        )
+        policy = d.policy
+    threshold = t.number("region_threshold", d.region_threshold, gt=0)
+    if threshold > 1:
+        t.errors.append(f"{t.key('region_threshold')} must be <= 1, got {threshold:g}")
+    regions = t.get("preferred_regions", list, [])
+    if not all(isinstance(r, str) for r in regions):
+        t.errors.append(f"{t.key('preferred_regions')} must be a list of region names")
+        regions = []
+    cfg = RoutingConfig(
+        policy=policy,
+        region_threshold=threshold,
+        preferred_regions=tuple(regions),
+        model_path=t.get("model_path", str, d.model_path),
+        reload_interval_s=t.number("reload_interval_s", d.reload_interval_s, gt=0),
+        feature_log_dir=t.get("feature_log_dir", str, d.feature_log_dir),
+        feature_log_max_bytes=t.integer("feature_log_max_bytes", d.feature_log_max_bytes, ge=1024),
+        feature_log_keep=t.integer("feature_log_keep", d.feature_log_keep, ge=0),
+    )
+    t.finish()
+    return cfg
+
+
 def _tenant(name: str, t: _Table, digests_seen: dict[str, str]) -> TenantConfig:
     weight = t.number("weight", 1.0, gt=0)
     apps_t = t.table("apps")
@@ -222,6 +269,11 @@ def _engine(region: str, model: str, i: int, t: _Table) -> EngineConfig | None:
     if kind == "vllm":
         if not url.startswith(("http://", "https://")):
             t.errors.append(f"{t.key('url')} must be an http(s) URL for a vllm engine, got {url!r}")
+        # Optional for vllm: given, they let the router price steps with the perf model.
+        if "gpu" in t.data and gpu not in GPUS:
+            t.errors.append(f"{t.key('gpu')} must be one of {sorted(GPUS)}, got {gpu!r}")
+        if "arch" in t.data and arch not in MODELS:
+            t.errors.append(f"{t.key('arch')} must be one of {sorted(MODELS)}, got {arch!r}")
     elif kind == "sim":
         if gpu not in GPUS:
             t.errors.append(f"{t.key('gpu')} must be one of {sorted(GPUS)}, got {gpu!r}")
@@ -257,6 +309,7 @@ def parse(data: Mapping[str, Any]) -> Config:
     if level not in ("debug", "info", "warning", "error"):
         errors.append(f"logging.level must be debug, info, warning or error, got {level!r}")
     lt.finish()
+    routing = _routing(root.table("routing"))
 
     tenants_t = root.table("tenants")
     digests_seen: dict[str, str] = {}
@@ -291,7 +344,7 @@ def parse(data: Mapping[str, Any]) -> Config:
     root.finish()
     if errors:
         raise ConfigError(errors)
-    return Config(server, tenants, tuple(engines), sim, level)
+    return Config(server, tenants, tuple(engines), sim, level, routing)
 
 
 def load(path: str | Path) -> Config:

@@ -123,6 +123,7 @@ class Proxy:
             headers["Authorization"] = f"Bearer {engine.api_key}"
         engine.in_flight += 1
         engine.in_flight_prompt_tokens += info.prompt_tokens
+        engine.in_flight_decode_tokens += info.predicted_output_tokens or 0
         try:
             try:
                 ex = await self.pool.request(engine.url, info.endpoint.path, payload, headers)
@@ -158,6 +159,7 @@ class Proxy:
         finally:
             engine.in_flight -= 1
             engine.in_flight_prompt_tokens -= info.prompt_tokens
+            engine.in_flight_decode_tokens -= info.predicted_output_tokens or 0
 
     def _count_error(self, info: RequestInfo, engine: EngineState, kind: str) -> None:
         self.metrics.upstream_errors.labels(info.tenant, info.model, engine.id, kind).inc()

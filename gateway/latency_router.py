@@ -1,0 +1,226 @@
+"""Predicted-latency routing: the engine where this request costs the fleet least.
+
+For each healthy engine of the model the policy prices, from the engine's snapshot and its
+performance model, two things (after the Intelligent Router, arXiv 2408.13510):
+
+- this request's own end-to-end latency there: the prefill queued ahead of it, its own prefill
+  (chunked, sharing steps with the streams decoding there), a wait for a sequence slot or KV
+  room when the engine is full, and its predicted output times the decode step time with it
+  in the batch;
+- the delay it adds to the requests already running there: its prefill makes their steps
+  compute bound for a while (prefill-heavy mixing), and its decode makes every step longer by
+  the KV it reads, for as long as both are decoding (decode-heavy mixing).
+
+It picks the least sum. Before that, region preference (SageServe's short-term rule): stay in
+the first preferred region whose utilisation is under a threshold, else take the least used.
+
+Everything is O(1) per engine from the closed form of the roofline, so a decision over 16
+engines costs tens of microseconds (benchmarks/routing_bench.py measures it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from engines.perf_model import PerfModel
+from engines.registry import EngineSnapshot
+from gateway.request import RequestInfo
+from gateway.routing import BASELINES, POLICY_NAMES, RoutingPolicy
+
+# A request the predictor knows nothing about: the median output of the Azure conversation
+# trace (docs/ENGINE.md).
+DEFAULT_OUTPUT_TOKENS = 151
+# z of the 0.9 quantile of a normal: turns (median, p90) of a log-normal into its sigma.
+_Z90 = 1.2816
+
+
+@dataclass(frozen=True, slots=True)
+class EngineProfile:
+    """An engine's performance model reduced to the constants the cost formulas need."""
+
+    compute_per_token: float  # s per new token, GEMMs (compute roof)
+    compute_per_pair: float  # s per (new token, attended position), attention
+    weights_s: float  # s to stream the weights once (memory roof)
+    kv_per_token: float  # s to read or write one token's KV
+    overhead_s: float
+    max_num_seqs: int
+    max_batched_tokens: int
+    kv_capacity: int
+
+    @classmethod
+    def of(
+        cls, perf: PerfModel, max_num_seqs: int = 256, max_batched_tokens: int = 2048
+    ) -> EngineProfile:
+        m, tp = perf.model, perf.tp
+        flops = perf.gpu.peak_flops * perf.eff.compute * tp
+        bw = perf.gpu.hbm_bandwidth * perf.eff.bandwidth * tp
+        return cls(
+            compute_per_token=2.0 * m.params / flops,
+            compute_per_pair=4.0 * m.layers * m.heads * m.head_dim / flops,
+            weights_s=m.weight_bytes / bw,
+            kv_per_token=m.kv_bytes_per_token / bw,
+            overhead_s=perf.eff.step_overhead_s,
+            max_num_seqs=max_num_seqs,
+            max_batched_tokens=max_batched_tokens,
+            kv_capacity=perf.kv_capacity_tokens,
+        )
+
+    @classmethod
+    def named(
+        cls,
+        gpu: str = "H100",
+        arch: str = "llama-3.1-8b",
+        tp: int = 1,
+        max_num_seqs: int = 256,
+        max_batched_tokens: int = 2048,
+    ) -> EngineProfile:
+        return cls.of(PerfModel.named(gpu, arch, tp), max_num_seqs, max_batched_tokens)
+
+
+def region_utilisation(engines: Sequence[EngineSnapshot], profiles: Mapping[str, EngineProfile],
+                       default: EngineProfile) -> float:  # fmt: skip
+    """Mean over the engines of the larger of KV use and sequence slots in use."""
+    total = 0.0
+    for e in engines:
+        slots = profiles.get(e.id, default).max_num_seqs
+        total += max(e.kv_usage, max(e.in_flight, e.running + e.waiting) / slots)
+    return total / len(engines) if engines else 1.0
+
+
+def prefer_regions(
+    request: RequestInfo,
+    engines: Sequence[EngineSnapshot],
+    threshold: float,
+    profiles: Mapping[str, EngineProfile],
+    default: EngineProfile,
+) -> Sequence[EngineSnapshot]:
+    """SageServe's short-term rule: the engines of the first preferred region whose
+    utilisation is under `threshold`; when all are over it, the least utilised region."""
+    if not request.preferred_regions:
+        return engines
+    by_region: dict[str, list[EngineSnapshot]] = {}
+    for e in engines:
+        by_region.setdefault(e.region, []).append(e)
+    util = {r: region_utilisation(es, profiles, default) for r, es in by_region.items()}
+    for region in request.preferred_regions:
+        if region in util and util[region] < threshold:
+            return by_region[region]
+    return by_region[min(util, key=util.__getitem__)]
+
+
+class PredictedLatency:
+    """Least (own latency + delay added to the engine's running requests), region-aware.
+
+    `prefill_weight` and `decode_weight` scale the delay imposed on others (by this request's
+    prefill, and by its decode) against its own latency. 1.0 would price every second alike;
+    the defaults are lower because the estimate of others' delay is pessimistic (it assumes
+    every running stream is still decoding when the request's prefill lands), and they are
+    the values that gave the lowest mean latency in the simulator (docs/ROUTING.md).
+    """
+
+    name = "predicted-latency"
+
+    def __init__(
+        self,
+        profiles: Mapping[str, EngineProfile] | None = None,
+        *,
+        default: EngineProfile | None = None,
+        region_threshold: float = 0.7,
+        prefill_weight: float = 0.1,
+        decode_weight: float = 0.3,
+    ) -> None:
+        self.profiles = dict(profiles or {})
+        self.default = default or EngineProfile.named()
+        self.region_threshold = region_threshold
+        self.prefill_weight = prefill_weight
+        self.decode_weight = decode_weight
+        self._turn = 0
+
+    def choose(self, request: RequestInfo, engines: Sequence[EngineSnapshot]) -> str:
+        if request.preferred_regions:
+            engines = prefer_regions(
+                request, engines, self.region_threshold, self.profiles, self.default
+            )
+        p = request.prompt_tokens
+        o: float = request.predicted_output_tokens or DEFAULT_OUTPUT_TOKENS
+        upper = request.predicted_output_upper
+        if upper is not None and upper > o:
+            # The mean of a log-normal with this median and 0.9 quantile: latency is paid in
+            # expectation, and the median underestimates a long tail.
+            sigma = math.log(upper / o) / _Z90
+            o = o * math.exp(0.5 * sigma * sigma)
+        # Start the scan one engine further each time: equal engines (idle ones) share load.
+        self._turn += 1
+        n = len(engines)
+        k = self._turn % n
+        best, best_cost = engines[k].id, math.inf
+        for e in (*engines[k:], *engines[:k]):
+            cost = self.cost(e, p, o)
+            if cost < best_cost:
+                best, best_cost = e.id, cost
+        return best
+
+    def cost(self, e: EngineSnapshot, p: int, o: float) -> float:
+        """Seconds: the request's own latency at `e` plus others_weight x the delay it adds."""
+        f = self.profiles.get(e.id, self.default)
+        ct, cp, mw, mk, oh = (f.compute_per_token, f.compute_per_pair, f.weights_s,
+                              f.kv_per_token, f.overhead_s)  # fmt: skip
+        n = e.in_flight
+        if e.running + e.waiting > n:
+            n = e.running + e.waiting  # others' requests, seen in the scraped gauges
+        r = n if n < f.max_num_seqs else f.max_num_seqs
+        per_req = e.in_flight_decode_tokens / e.in_flight if e.in_flight else o
+        prompt_mean = e.in_flight_prompt_tokens / e.in_flight if e.in_flight else p
+        # KV held now: every prompt, and on average half of every expected output.
+        ctx = e.in_flight_prompt_tokens + 0.5 * e.in_flight_decode_tokens
+        if n > e.in_flight:
+            ctx += (n - e.in_flight) * (prompt_mean + 0.5 * per_req)
+        # Decode step without and with this request in the batch (memory roof vs compute).
+        if r:
+            c0, m0 = ct * r + cp * ctx, mw + mk * (ctx + r)
+            t0 = (c0 if c0 > m0 else m0) + oh
+        else:
+            t0 = 0.0
+        c1, m1 = ct * (r + 1) + cp * (ctx + p), mw + mk * (ctx + p + r + 1)
+        t1 = (c1 if c1 > m1 else m1) + oh
+        # Own prefill in chunks that share each step's token budget with r decodes.
+        room = f.max_batched_tokens - r
+        chunks = math.ceil(p / (room if room > 64 else 64))
+        cf = ct * (p + r * chunks) + cp * (0.5 * p * p + ctx * chunks)
+        mf = chunks * (mw + mk * (ctx + p + r))
+        t_prefill = (cf if cf > mf else mf) + chunks * oh
+        # Prefill queued ahead: requests beyond the slots, and those the engine reports waiting.
+        queued = n - r if n > r else 0
+        if e.waiting > queued:
+            queued = e.waiting
+        wait = ct * queued * prompt_mean
+        mean_stay = per_req * (t0 or t1)
+        if n + 1 > f.max_num_seqs:
+            wait += (n + 1 - f.max_num_seqs) / f.max_num_seqs * mean_stay
+        over = ctx + p + o - f.kv_capacity
+        if over > 0:
+            wait += over / f.kv_capacity * mean_stay  # room frees as running streams finish
+        own = wait + t_prefill + o * t1
+        # Delay added to the r running streams: the prefill's extra step time, then a longer
+        # step for as long as both decode (on average half of what they expect is left).
+        extra_prefill = t_prefill - chunks * t0
+        left = 0.5 * per_req
+        overlap = o if o < left else left
+        return own + r * (
+            self.prefill_weight * max(extra_prefill, 0.0) + self.decode_weight * (t1 - t0) * overlap
+        )
+
+
+def build_policy(
+    name: str,
+    profiles: Mapping[str, EngineProfile] | None = None,
+    region_threshold: float = 0.7,
+) -> RoutingPolicy:
+    """The policy named in `[routing] policy`; `profiles` are the engines' perf models."""
+    if name == PredictedLatency.name:
+        return PredictedLatency(profiles, region_threshold=region_threshold)
+    if name not in BASELINES:
+        raise KeyError(f"unknown routing policy {name!r}; known: {', '.join(POLICY_NAMES)}")
+    return BASELINES[name]()
