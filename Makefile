@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fairway-installed
 
-.PHONY: setup serve test lint typecheck pytest bench bench-all clean
+.PHONY: setup serve test lint typecheck pytest bench bench-all bench-routing bench-routing-live clean
 
 setup: $(STAMP)
 
@@ -51,3 +51,11 @@ $(OTHERS)/vllm-router/bin/vllm-router:
 
 clean:
 	rm -rf $(VENV) $(OTHERS) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+
+# Routing: every policy on the Azure trace in the cluster simulator, the predictor's accuracy,
+# the decision cost (docs/ROUTING.md); then the live replay through the gateway.
+bench-routing: setup
+	$(BIN)/python benchmarks/routing_bench.py
+
+bench-routing-live: setup
+	$(BIN)/python benchmarks/routing_live.py
