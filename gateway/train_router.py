@@ -61,7 +61,7 @@ def score(actual: Sequence[int], median: Iterable[float], upper: Iterable[float]
         mae += abs(y - m)
         acc += bucket(y) == bucket(m)
         cov += y <= u
-    return Scores(mae / n, acc / n, cov / n)
+    return Scores(float(mae) / n, float(acc) / n, float(cov) / n)
 
 
 def _quantile(xs: list[int], q: float) -> float:
