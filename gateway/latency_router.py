@@ -9,7 +9,7 @@ performance model, two things (after the Intelligent Router, arXiv 2408.13510):
   in the batch;
 - the delay it adds to the requests already running there: its prefill makes their steps
   compute bound for a while (prefill-heavy mixing), and its decode makes every step longer by
-  the KV it reads, for as long as both are decoding (decode-heavy mixing).
+  the KV it reads, for as long as it decodes (decode-heavy mixing).
 
 It picks the least sum. Before that, region preference (SageServe's short-term rule): stay in
 the first preferred region whose utilisation is under a threshold, else take the least used.
@@ -115,9 +115,10 @@ class PredictedLatency:
 
     `prefill_weight` and `decode_weight` scale the delay imposed on others (by this request's
     prefill, and by its decode) against its own latency. 1.0 would price every second alike;
-    the defaults are lower because the estimate of others' delay is pessimistic (it assumes
-    every running stream is still decoding when the request's prefill lands), and they are
-    the values that gave the lowest mean latency in the simulator (docs/ROUTING.md).
+    the defaults are lower because that estimate is pessimistic (a chunk of prefill partly
+    fills steps that decode alone would leave memory bound, and a stream that is slowed down
+    is not always one that would have waited), and they gave the lowest mean latency in
+    the simulator on held-out data (docs/ROUTING.md).
     """
 
     name = "predicted-latency"
@@ -128,8 +129,8 @@ class PredictedLatency:
         *,
         default: EngineProfile | None = None,
         region_threshold: float = 0.7,
-        prefill_weight: float = 0.1,
-        decode_weight: float = 0.3,
+        prefill_weight: float = 0.2,
+        decode_weight: float = 0.5,
     ) -> None:
         self.profiles = dict(profiles or {})
         self.default = default or EngineProfile.named()
@@ -163,7 +164,8 @@ class PredictedLatency:
         return best
 
     def cost(self, e: EngineSnapshot, p: int, o: float) -> float:
-        """Seconds: the request's own latency at `e` plus others_weight x the delay it adds."""
+        """Seconds: the request's own latency at `e` plus the weighted delay it adds to the
+        streams running there. `o` is its expected output length in tokens."""
         f = self.profiles.get(e.id, self.default)
         ct, cp, mw, mk, oh = (f.compute_per_token, f.compute_per_pair, f.weights_s,
                               f.kv_per_token, f.overhead_s)  # fmt: skip
@@ -204,12 +206,11 @@ class PredictedLatency:
             wait += over / f.kv_capacity * mean_stay  # room frees as running streams finish
         own = wait + t_prefill + o * t1
         # Delay added to the r running streams: the prefill's extra step time, then a longer
-        # step for as long as both decode (on average half of what they expect is left).
+        # step for each of this request's o decode steps. Streams that finish meanwhile are
+        # replaced by new arrivals, so the batch it slows down lasts as long as it does.
         extra_prefill = t_prefill - chunks * t0
-        left = 0.5 * per_req
-        overlap = o if o < left else left
         return own + r * (
-            self.prefill_weight * max(extra_prefill, 0.0) + self.decode_weight * (t1 - t0) * overlap
+            self.prefill_weight * max(extra_prefill, 0.0) + self.decode_weight * (t1 - t0) * o
         )
 
 
