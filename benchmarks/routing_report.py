@@ -98,6 +98,30 @@ def write_report(doc: dict[str, Any], out: Path) -> None:
         "`make bench-routing-live` (benchmarks/routing_live.py); only measured figures.",
         f"Simulator run {doc['date']} on {doc['machine']}{quick}.",
         "",
+        "## How `predicted-latency` decides",
+        "",
+        "`gateway/latency_router.py`. For each healthy engine of the model it prices, from the "
+        "engine's snapshot (the gateway's own in-flight requests, prompt tokens and predicted "
+        "output tokens there; the running, waiting and KV gauges scraped from its `/metrics`) "
+        "and the roofline perf model of its GPU and model (docs/ENGINE.md, in closed form):",
+        "",
+        "- the request's own latency there: prefill queued ahead, its own chunked prefill "
+        "sharing steps with the decodes, a wait for a sequence slot or KV room when the engine "
+        "is full, and its expected output (the log-normal mean of the predicted median and 0.9 "
+        "quantile) times the decode step time with it in the batch;",
+        "- the delay it adds to the streams running there: its prefill's extra step time "
+        "(prefill-heavy mixing), and the longer step its KV reads cause for each of its decode "
+        "steps (decode-heavy mixing), weighted 0.2 and 0.5 (the weights that gave the lowest "
+        "mean latency on a separate part of the trace in the simulator).",
+        "",
+        "It picks the least total. With preferred regions (config or `X-Fairway-Regions`) it "
+        "first keeps to the first preferred region whose utilisation (mean of max(KV use, "
+        "sequence slots in use)) is under `region_threshold`, else the least utilised region "
+        "(SageServe's short-term rule). Baselines: `round-robin`; `jsq` (fewest running + "
+        "waiting as the engine reports them); `least-tokens` (fewest prompt + predicted output "
+        "tokens in flight); `power-of-two` (two random engines, fewer in flight); "
+        "`least-outstanding` (fewest requests in flight from the gateway; the previous default).",
+        "",
         "## Workload (what is real, what is synthetic)",
         "",
         "Arrival times and the base prompt and output token counts are the Azure LLM "

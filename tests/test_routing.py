@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from dataclasses import replace
 
+import openai
 import pytest
 
 from benchmarks.routing_sim import GatewayFrontend, fleet, make_job, simulate, summarise
@@ -14,6 +16,7 @@ from gateway.latency_router import EngineProfile, PredictedLatency, build_policy
 from gateway.predictor import LengthPredictor
 from gateway.request import Endpoint, RequestInfo
 from gateway.routing import POLICY_NAMES, PowerOfTwo, RoundRobin
+from tests.conftest import ACME, MODEL, GatewayFactory
 
 
 def req(prompt: int = 100, out: int | None = 100, regions: tuple[str, ...] = ()) -> RequestInfo:
@@ -114,3 +117,28 @@ def test_predicted_latency_beats_round_robin_in_the_simulator() -> None:
         front = GatewayFrontend(build_policy(name), LengthPredictor())
         mean[name] = summarise(simulate(fleet(4), front, jobs)).mean_e2e
     assert mean["predicted-latency"] < 0.95 * mean["round-robin"], mean
+
+
+async def test_gateway_routes_with_predictions_and_releases_its_counts(
+    start_gateway: GatewayFactory,
+) -> None:
+    server, gw = await start_gateway()
+    client = openai.AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key=ACME, max_retries=0)
+    assert gw.proxy.policy.name == "predicted-latency"  # the default
+
+    async def one(n: int) -> int:
+        resp = await client.chat.completions.create(
+            model=MODEL, max_tokens=50, messages=[{"role": "user", "content": "hi"}],
+            extra_body={"sim_output_tokens": n},
+        )  # fmt: skip
+        assert resp.usage is not None
+        return resp.usage.completion_tokens
+
+    assert await asyncio.gather(*(one(3 + i) for i in range(12))) == [3 + i for i in range(12)]
+    for e in gw.registry.engines.values():
+        assert (e.in_flight, e.in_flight_prompt_tokens, e.in_flight_decode_tokens) == (0, 0, 0)
+    bad = await client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}],
+        extra_headers={"X-Fairway-Regions": ",,nowhere,"},
+    )  # fmt: skip
+    assert bad.status_code == 200  # no known region: the least utilised one serves it
