@@ -108,11 +108,15 @@ def write_report(doc: dict[str, Any], out: Path) -> None:
         "- the request's own latency there: prefill queued ahead, its own chunked prefill "
         "sharing steps with the decodes, a wait for a sequence slot or KV room when the engine "
         "is full, and its expected output (the log-normal mean of the predicted median and 0.9 "
-        "quantile) times the decode step time with it in the batch;",
+        "quantile) times the decode step time with it in the batch, stretched by 1 / (1 - the "
+        "share of the engine's time its recent prefill takes) (prompt tokens the gateway sent "
+        "there, decayed over 30 s, at the perf model's prefill cost; capped at 0.5), because "
+        "chunked prefill rides in the same steps as the decodes;",
         "- the delay it adds to the streams running there: its prefill's extra step time "
         "(prefill-heavy mixing), and the longer step its KV reads cause for each of its decode "
-        "steps (decode-heavy mixing), weighted 0.2 and 0.5 (the weights that gave the lowest "
-        "mean latency on a separate part of the trace in the simulator).",
+        "steps (decode-heavy mixing), both weighted 0.5. The weights, the 30 s window and the "
+        "0.5 cap were chosen in the simulator on rows 3,000 to 7,000 of the trace (inside the "
+        "training part, 4 engines, 70% and 90% load), never on the evaluation slice.",
         "",
         "It picks the least total. With preferred regions (config or `X-Fairway-Regions`) it "
         "first keeps to the first preferred region whose utilisation (mean of max(KV use, "

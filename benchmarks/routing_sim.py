@@ -19,6 +19,7 @@ from engines.cluster import ClusterSim, EngineSpec, Job
 from engines.registry import EngineSnapshot
 from engines.tokens import chat_prompt_tokens
 from gateway.features import Record, extract
+from gateway.latency_router import add_prompt
 from gateway.predictor import LengthPredictor
 from gateway.request import Endpoint, RequestInfo
 from gateway.routing import RoutingPolicy
@@ -31,6 +32,8 @@ class _View:
     in_flight: int = 0
     prompt: int = 0
     decode: int = 0
+    prompt_rate: float = 0.0
+    prompt_at: float = 0.0
     running: int = 0
     waiting: int = 0
     kv_usage: float = 0.0
@@ -75,11 +78,13 @@ class GatewayFrontend:
                 v.kv_usage = e.sched.kv_usage
             s = e.spec
             out.append(EngineSnapshot(s.id, s.region, s.model, True, v.running, v.waiting,
-                                      v.kv_usage, v.in_flight, v.prompt, v.decode))  # fmt: skip
+                                      v.kv_usage, v.in_flight, v.prompt, v.decode, v.prompt_rate,
+                                      v.prompt_at))  # fmt: skip
         return out
 
     def on_arrival(self, job: Job, now: float) -> None:
         info, rec = job.info
+        info = replace(info, arrival=now)  # the gateway stamps arrival when it receives it
         if self.oracle:
             info = replace(info, predicted_output_tokens=job.output_tokens,
                            predicted_output_upper=job.output_tokens)  # fmt: skip
@@ -92,6 +97,7 @@ class GatewayFrontend:
         v.in_flight += 1
         v.prompt += info.prompt_tokens
         v.decode += info.predicted_output_tokens or 0
+        v.prompt_rate, v.prompt_at = add_prompt(v.prompt_rate, v.prompt_at, now, info.prompt_tokens)
         self._ready.append((job, engine))
 
     def ready(self, now: float) -> Iterable[tuple[Job, str]]:

@@ -23,6 +23,10 @@ class EngineSnapshot:
     in_flight_prompt_tokens: int
     # Output tokens the gateway expects from what it has in flight there (predicted lengths).
     in_flight_decode_tokens: int = 0
+    # Prompt tokens per second the gateway has sent there lately (exponentially decayed), as
+    # of time `recent_prompt_at`: how much of the engine's time prefill takes.
+    recent_prompt_rate: float = 0.0
+    recent_prompt_at: float = 0.0
 
 
 @dataclass(slots=True, eq=False)
@@ -41,12 +45,14 @@ class EngineState:
     in_flight: int = 0
     in_flight_prompt_tokens: int = 0
     in_flight_decode_tokens: int = 0
+    recent_prompt_rate: float = 0.0
+    recent_prompt_at: float = 0.0
 
     def snapshot(self) -> EngineSnapshot:
         return EngineSnapshot(
             self.id, self.region, self.model, self.healthy, self.running, self.waiting,
             self.kv_usage, self.in_flight, self.in_flight_prompt_tokens,
-            self.in_flight_decode_tokens,
+            self.in_flight_decode_tokens, self.recent_prompt_rate, self.recent_prompt_at,
         )  # fmt: skip
 
 

@@ -6,7 +6,8 @@ performance model, two things (after the Intelligent Router, arXiv 2408.13510):
 - this request's own end-to-end latency there: the prefill queued ahead of it, its own prefill
   (chunked, sharing steps with the streams decoding there), a wait for a sequence slot or KV
   room when the engine is full, and its predicted output times the decode step time with it
-  in the batch;
+  in the batch, stretched by the share of the engine's time that the prefill recently sent
+  there takes (chunked prefill rides in the same steps);
 - the delay it adds to the requests already running there: its prefill makes their steps
   compute bound for a while (prefill-heavy mixing), and its decode makes every step longer by
   the KV it reads, for as long as it decodes (decode-heavy mixing).
@@ -32,8 +33,24 @@ from gateway.routing import BASELINES, POLICY_NAMES, RoutingPolicy
 # A request the predictor knows nothing about: the median output of the Azure conversation
 # trace (docs/ENGINE.md).
 DEFAULT_OUTPUT_TOKENS = 151
+# Time constant of the recent prompt rate per engine: long enough to smooth single requests,
+# short against the minutes over which load shifts.
+PROMPT_RATE_WINDOW_S = 30.0
+# Cap on the prefill share of an engine's time read from that rate: it is an estimate, and a
+# decode slowed by 1 / (1 - share) must not swamp every other term when a burst inflates it.
+MAX_PREFILL_SHARE = 0.5
 # z of the 0.9 quantile of a normal: turns (median, p90) of a log-normal into its sigma.
 _Z90 = 1.2816
+
+
+def recent_rate(rate: float, at: float, now: float) -> float:
+    """`rate` (per second, as of `at`) decayed to `now`."""
+    return rate * math.exp(-(now - at) / PROMPT_RATE_WINDOW_S) if now > at else rate
+
+
+def add_prompt(rate: float, at: float, now: float, tokens: int) -> tuple[float, float]:
+    """The recent prompt rate and its time after `tokens` more were sent at `now`."""
+    return recent_rate(rate, at, now) + tokens / PROMPT_RATE_WINDOW_S, max(at, now)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,8 +134,8 @@ class PredictedLatency:
     prefill, and by its decode) against its own latency. 1.0 would price every second alike;
     the defaults are lower because that estimate is pessimistic (a chunk of prefill partly
     fills steps that decode alone would leave memory bound, and a stream that is slowed down
-    is not always one that would have waited), and they gave the lowest mean latency in
-    the simulator on held-out data (docs/ROUTING.md).
+    is not always one that would have waited). They were chosen in the simulator on a part
+    of the trace that the evaluation in docs/ROUTING.md does not use.
     """
 
     name = "predicted-latency"
@@ -129,7 +146,7 @@ class PredictedLatency:
         *,
         default: EngineProfile | None = None,
         region_threshold: float = 0.7,
-        prefill_weight: float = 0.2,
+        prefill_weight: float = 0.5,
         decode_weight: float = 0.5,
     ) -> None:
         self.profiles = dict(profiles or {})
@@ -144,7 +161,7 @@ class PredictedLatency:
             engines = prefer_regions(
                 request, engines, self.region_threshold, self.profiles, self.default
             )
-        p = request.prompt_tokens
+        p, now = request.prompt_tokens, request.arrival
         o: float = request.predicted_output_tokens or DEFAULT_OUTPUT_TOKENS
         upper = request.predicted_output_upper
         if upper is not None and upper > o:
@@ -158,14 +175,15 @@ class PredictedLatency:
         k = self._turn % n
         best, best_cost = engines[k].id, math.inf
         for e in (*engines[k:], *engines[:k]):
-            cost = self.cost(e, p, o)
+            cost = self.cost(e, p, o, now)
             if cost < best_cost:
                 best, best_cost = e.id, cost
         return best
 
-    def cost(self, e: EngineSnapshot, p: int, o: float) -> float:
+    def cost(self, e: EngineSnapshot, p: int, o: float, now: float = 0.0) -> float:
         """Seconds: the request's own latency at `e` plus the weighted delay it adds to the
-        streams running there. `o` is its expected output length in tokens."""
+        streams running there. `o` is its expected output length in tokens, `now` the time of
+        the decision on the clock of `EngineSnapshot.recent_prompt_at`."""
         f = self.profiles.get(e.id, self.default)
         ct, cp, mw, mk, oh = (f.compute_per_token, f.compute_per_pair, f.weights_s,
                               f.kv_per_token, f.overhead_s)  # fmt: skip
@@ -204,7 +222,12 @@ class PredictedLatency:
         over = ctx + p + o - f.kv_capacity
         if over > 0:
             wait += over / f.kv_capacity * mean_stay  # room frees as running streams finish
-        own = wait + t_prefill + o * t1
+        # Prefill sent there lately takes this share of the engine's time; each decode step
+        # waits for it (chunked prefill rides in the same steps), so a step lasts 1 / (1 - share).
+        share = ct * recent_rate(e.recent_prompt_rate, e.recent_prompt_at, now)
+        if share > MAX_PREFILL_SHARE:
+            share = MAX_PREFILL_SHARE
+        own = wait + t_prefill + o * t1 / (1.0 - share)
         # Delay added to the r running streams: the prefill's extra step time, then a longer
         # step for each of this request's o decode steps. Streams that finish meanwhile are
         # replaced by new arrivals, so the batch it slows down lasts as long as it does.
