@@ -49,6 +49,7 @@ from engines.cluster import Job  # noqa: E402
 from engines.registry import EngineSnapshot  # noqa: E402
 from gateway.featurelog import FeatureLog  # noqa: E402
 from gateway.latency_router import EngineProfile, build_policy  # noqa: E402
+from gateway.logs import configure  # noqa: E402
 from gateway.predictor import LengthPredictor  # noqa: E402
 from gateway.routing import POLICY_NAMES  # noqa: E402
 from gateway.train_router import train_and_report  # noqa: E402
@@ -127,7 +128,7 @@ def decision_cost(n: int = 16) -> dict[str, float]:
     snaps = [
         EngineSnapshot(f"e{i}", "r0", "m", True, rng.randint(0, 200), rng.randint(0, 5),
                        rng.random(), rng.randint(0, 200), rng.randint(0, 200_000),
-                       rng.randint(0, 60_000))
+                       rng.randint(0, 60_000), rng.uniform(0, 30_000), -rng.random())
         for i in range(n)
     ]  # fmt: skip
     probe = make_job("x", 0.0, "acme", "chat", {"model": "m", "messages": [
@@ -163,6 +164,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="a 2,000-request slice, for a smoke run")
     ap.add_argument("--out", default=str(ROOT / "docs"))
     args = ap.parse_args()
+    configure("warning")
     rows = load_trace()
     cut = int(len(rows) * TRAIN_SHARE)
     train_rows, eval_rows = rows[:cut], rows[cut : cut + EVAL_ROWS]
