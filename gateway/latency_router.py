@@ -39,6 +39,8 @@ PROMPT_RATE_WINDOW_S = 30.0
 # Cap on the prefill share of an engine's time read from that rate: it is an estimate, and a
 # decode slowed by 1 / (1 - share) must not swamp every other term when a burst inflates it.
 MAX_PREFILL_SHARE = 0.5
+# Relative difference in cost below which two engines count as equally good.
+TIE = 0.01
 # z of the 0.9 quantile of a normal: turns (median, p90) of a log-normal into its sigma.
 _Z90 = 1.2816
 
@@ -181,7 +183,14 @@ class PredictedLatency:
         k = self._turn % len(engines)
         order = (*engines[k:], *engines[:k])
         costs = self.costs(order, p, o, now)
-        return order[costs.index(min(costs))].id
+        # Costs within TIE of the least are equal to within what the model can tell: the
+        # first in rotated order takes it, so near-idle engines share load instead of one
+        # of them winning every time on a rounding-size difference.
+        good_enough = min(costs) * (1.0 + TIE)
+        for e, cost in zip(order, costs, strict=True):
+            if cost <= good_enough:
+                return e.id
+        return order[0].id
 
     def cost(self, e: EngineSnapshot, p: int, o: float, now: float = 0.0) -> float:
         """Seconds: the request's own latency at `e` plus the weighted delay it adds to the
