@@ -13,12 +13,15 @@ import asyncio
 from dataclasses import replace
 from typing import Any
 
+import structlog
+
 from gateway.featurelog import FeatureLog
 from gateway.features import TARGET, Record, extract
 from gateway.predictor import LengthPredictor
 from gateway.request import RequestInfo
 
 REGIONS_HEADER = "X-Fairway-Regions"
+log = structlog.get_logger("fairway.lengths")
 
 
 class LengthService:
@@ -63,7 +66,10 @@ class LengthService:
             rec["predicted_upper"] = info.predicted_output_upper
             rec.update(outcome)
             rec[TARGET] = output_tokens
-            self.log.write(rec)
+            try:
+                self.log.write(rec)
+            except OSError as exc:  # a full disk loses training data, never a response
+                log.warning("feature_log_failed", reason=str(exc))
 
     async def watch(self, interval: float) -> None:
         """Reload the model when its file changes, until cancelled."""

@@ -191,11 +191,15 @@ class LengthPredictor:
 
     def predict(self, rec: Record) -> tuple[int, int]:
         """(median, upper) output tokens for a record from `with_history`."""
+        q: tuple[int, int] | None = None
         if self.model is not None:
-            med, up = self.model.predict(rec)
-        else:
+            try:
+                q = self.model.predict(rec)
+            except Exception as exc:  # a model bug must not fail the request it predicts for
+                log.warning("length_model_failed", reason=repr(exc))
+        if q is None:
             q = self.history.quantiles(app_key(rec), 0.9)
-            med, up = q if q is not None else (PRIOR_MEDIAN, PRIOR_UPPER)
+        med, up = q if q is not None else (PRIOR_MEDIAN, PRIOR_UPPER)
         cap = rec.get("max_tokens")
         if isinstance(cap, int):
             med, up = min(med, cap), min(up, cap)

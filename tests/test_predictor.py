@@ -17,8 +17,8 @@ from benchmarks.routing_sim import make_job
 from benchmarks.routing_workload import Row, requests
 from gateway.cli import main
 from gateway.featurelog import NAME, FeatureLog
-from gateway.features import TARGET
-from gateway.predictor import PRIOR_MEDIAN, LengthPredictor
+from gateway.features import CATEGORICAL, TARGET
+from gateway.predictor import PRIOR_MEDIAN, LengthModel, LengthPredictor
 from gateway.train_router import fit, read_logs, save, train_and_report
 from tests.conftest import ACME, MODEL, GatewayFactory, config_dict
 
@@ -149,3 +149,9 @@ async def test_gateway_logs_features_rotates_and_reloads(
         model=MODEL, max_tokens=5, messages=[{"role": "user", "content": "hi"}]
     )
     assert resp.usage is not None and resp.usage.completion_tokens <= 5
+
+
+def test_a_failing_model_falls_back_to_history() -> None:
+    p = LengthPredictor()
+    p.model = LengthModel(None, None, {c: {} for c in CATEGORICAL}, 0.9)  # predict() raises
+    assert p.predict(p.with_history({"tenant": "t", "app": "a"})) == (PRIOR_MEDIAN, 480)
