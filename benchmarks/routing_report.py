@@ -188,6 +188,22 @@ def write_report(doc: dict[str, Any], out: Path) -> None:
         "",
         *_live(out / "routing_live.json"),
         "",
+        "## Limits",
+        "",
+        "- The predictor's features are synthetic (see Workload); its MAE here says the "
+        "pipeline learns what the features carry, not how well real traffic can be predicted.",
+        "- In the simulator the scraped gauges are fresh at every decision; the gateway scrapes "
+        "every `health_interval_s`. Predicted-latency leans on the gateway's own in-flight "
+        "counts, which are exact in both.",
+        "- The prediction cost is mostly LightGBM's per-call overhead for one row (two "
+        "boosters), not the trees; it is paid once per request, on the event loop.",
+        "- Predicted-latency trades TTFT for end-to-end latency: its mean and p99 TTFT are "
+        "higher than the baselines' (it packs short requests where long ones are not), while "
+        "its mean and p99 end-to-end latency and its decode speed for long answers are better.",
+        "- The live run is short, open-loop and non-streamed, on a 2-core machine shared with "
+        "other work: a check that the gateway path behaves as the simulator says, not a "
+        "benchmark of its own.",
+        "",
         "## Reproduce",
         "",
         "```sh",
