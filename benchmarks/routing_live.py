@@ -148,7 +148,11 @@ def main() -> int:
         "rate": rate, "load": args.load, "results": results,
     }  # fmt: skip
     docs = ROOT / "docs"
-    (docs / "routing_live.json").write_text(json.dumps(live, indent=1))
+    path = docs / "routing_live.json"
+    # One entry per (engines, time scale): a rerun replaces its own, others are kept.
+    runs = json.loads(path.read_text()).get("runs", []) if path.exists() else []
+    runs = [r for r in runs if (r["engines"], r["time_scale"]) != (args.engines, args.time_scale)]
+    path.write_text(json.dumps({"runs": [*runs, live]}, indent=1))
     sim = docs / "routing_sim.json"
     if sim.exists():
         write_report(json.loads(sim.read_text()), docs)
