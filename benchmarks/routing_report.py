@@ -89,6 +89,28 @@ def _live(path: Path) -> list[str]:
     return lines
 
 
+def _live_note(doc: dict[str, Any], path: Path) -> str:
+    if not path.exists():
+        return ""
+    sim = [r["mean_e2e"] for r in doc["results"]
+           if (r["engines"], r["load"], r["policy"]) == (4, 0.7, "round-robin")]  # fmt: skip
+    live = [
+        f"{r['mean_e2e']:.2f} s at time scale {run['time_scale']:g}"
+        for run in json.loads(path.read_text())["runs"]
+        for r in run["results"]
+        if r["policy"] == "round-robin"
+    ]
+    return (
+        "Live latencies are higher than the simulator's at the same load: the gateway, the "
+        "engines and the client share two busy cores, so engine steps run late (round robin: "
+        + (f"{sim[0]:.2f} s mean in the simulator on the whole slice; " if sim else "")
+        + "live, from an empty fleet over the first seconds of it, "
+        + ", ".join(live)
+        + "). The router's gain shrinks with that distortion, since it prices steps at the "
+        "modelled speed, and grows back as the engines get more CPU headroom."
+    )
+
+
 def write_report(doc: dict[str, Any], out: Path) -> None:
     _plot(doc, out / "routing_latency.png")
     pred = doc["predictor"]
@@ -189,12 +211,7 @@ def write_report(doc: dict[str, Any], out: Path) -> None:
         "## Live run through the gateway",
         "",
         *_live(out / "routing_live.json"),
-        "Live latencies are higher than the simulator's at the same load: the gateway, four "
-        "engines and the client share two busy cores, so engine steps run late (round robin: "
-        "4.02 s mean in the simulator on the whole slice; live, from an empty fleet over the "
-        "first 40 to 60 s of it, 5.72 s at time scale 1 and 4.53 s at time scale 2). The "
-        "router's gain shrinks with that distortion, since it prices steps at the modelled "
-        "speed; it grows back as the engines are given more CPU headroom (time scale 2).",
+        _live_note(doc, out / "routing_live.json"),
         "",
         "## Limits",
         "",
