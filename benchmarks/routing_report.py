@@ -111,6 +111,26 @@ def _live_note(doc: dict[str, Any], path: Path) -> str:
     )
 
 
+def _targets(doc: dict[str, Any]) -> list[str]:
+    lines = [
+        "| engines | load | mean vs RR (target <= -11%) | mean vs best baseline | "
+        "p99 vs jsq (target <= 0) |",
+        "|---|---|---|---|---|",
+    ]
+    for n in sorted({r["engines"] for r in doc["results"]}):
+        for load in sorted({r["load"] for r in doc["results"]}):
+            at = {r["policy"]: r for r in doc["results"]
+                  if r["engines"] == n and r["load"] == load}  # fmt: skip
+            ours = at["predicted-latency"]
+            best = min(r["mean_e2e"] for k, r in at.items() if k != "predicted-latency")
+            lines.append(
+                f"| {n} | {load:.0%} | {ours['mean_e2e'] / at['round-robin']['mean_e2e'] - 1:+.1%} "
+                f"| {ours['mean_e2e'] / best - 1:+.1%} "
+                f"| {ours['p99_e2e'] / at['jsq']['p99_e2e'] - 1:+.1%} |"
+            )
+    return lines
+
+
 def write_report(doc: dict[str, Any], out: Path) -> None:
     _plot(doc, out / "routing_latency.png")
     pred = doc["predictor"]
@@ -197,6 +217,7 @@ def write_report(doc: dict[str, Any], out: Path) -> None:
         "![mean and p99 latency by load](routing_latency.png)",
         "",
     ]
+    md += ["### Against the targets", "", *_targets(doc), ""]
     for n in sorted({r["engines"] for r in doc["results"]}):
         md += [f"### {n} engines", "", *_table(doc, n), ""]
     md += [
