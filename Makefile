@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.fairway-installed
 
 .PHONY: setup serve test lint typecheck pytest bench bench-all bench-fairness bench-kernels \
-	vllm-env clean
+	bench-routing bench-routing-live vllm-env clean
 
 setup: $(STAMP)
 
@@ -82,3 +82,11 @@ bench-kernels: setup
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) $(OTHERS) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+
+# Routing: every policy on the Azure trace in the cluster simulator, the predictor's accuracy,
+# the decision cost (docs/ROUTING.md); then the live replay through the gateway.
+bench-routing: setup
+	$(BIN)/python benchmarks/routing_bench.py
+
+bench-routing-live: setup
+	$(BIN)/python benchmarks/routing_live.py

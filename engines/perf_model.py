@@ -115,7 +115,6 @@ class PerfModel:
 
     def step_time(self, work: Iterable[SeqWork]) -> float:
         """Seconds for one forward pass over every sequence's new tokens."""
-        m = self.model
         tokens = 0
         attn_pairs = 0.0  # sum over new tokens of the context each one attends to
         kv_read = 0
@@ -125,8 +124,14 @@ class PerfModel:
             # Token i of the chunk attends to c + i + 1 positions (causal).
             attn_pairs += n * c + n * (n + 1) / 2
             kv_read += c + n
-        if tokens == 0:
+        return self.step_time_totals(tokens, attn_pairs, kv_read)
+
+    def step_time_totals(self, tokens: int, attn_pairs: float, kv_read: int) -> float:
+        """`step_time` from a step's totals: new tokens, (new token, attended position) pairs
+        and KV tokens read. Routers use it to price a hypothetical step in O(1)."""
+        if tokens <= 0:
             return 0.0
+        m = self.model
         # 2 FLOPs per weight per token for the GEMMs; QK^T and PV cost 2 * 2 * head_dim per
         # (query head, attended position) per layer.
         flops = 2.0 * m.params * tokens + 4.0 * m.layers * m.heads * m.head_dim * attn_pairs

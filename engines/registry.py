@@ -21,6 +21,12 @@ class EngineSnapshot:
     kv_usage: float  # scraped (vllm:kv_cache_usage_perc), 0..1
     in_flight: int  # requests the gateway has open there now
     in_flight_prompt_tokens: int
+    # Output tokens the gateway expects from what it has in flight there (predicted lengths).
+    in_flight_decode_tokens: int = 0
+    # Prompt tokens per second the gateway has sent there lately (exponentially decayed), as
+    # of time `recent_prompt_at`: how much of the engine's time prefill takes.
+    recent_prompt_rate: float = 0.0
+    recent_prompt_at: float = 0.0
 
 
 @dataclass(slots=True, eq=False)
@@ -38,11 +44,15 @@ class EngineState:
     kv_usage: float = 0.0
     in_flight: int = 0
     in_flight_prompt_tokens: int = 0
+    in_flight_decode_tokens: int = 0
+    recent_prompt_rate: float = 0.0
+    recent_prompt_at: float = 0.0
 
     def snapshot(self) -> EngineSnapshot:
         return EngineSnapshot(
             self.id, self.region, self.model, self.healthy, self.running, self.waiting,
             self.kv_usage, self.in_flight, self.in_flight_prompt_tokens,
+            self.in_flight_decode_tokens, self.recent_prompt_rate, self.recent_prompt_at,
         )  # fmt: skip
 
 

@@ -177,8 +177,11 @@ def bucket_keys(tenant: TenantConfig, app: AppConfig) -> Keyed:
     return keys
 
 
-def expected_output(app: AppConfig, max_tokens: int | None) -> int:
-    return min(app.expected_output_tokens, max_tokens or app.expected_output_tokens)
+def expected_output(app: AppConfig, max_tokens: int | None, predicted: int | None = None) -> int:
+    """Output tokens a request is expected to produce: the length predictor's median when the
+    gateway has one, else its application's declared expectation; never above `max_tokens`."""
+    e = predicted if predicted is not None else app.expected_output_tokens
+    return max(1, min(e, max_tokens or e))
 
 
 def unit_cost(app: AppConfig, prices: Prices) -> float:
@@ -208,7 +211,7 @@ class Admission:
     def prepare(self, info: RequestInfo, now: float) -> Admitting:
         tenant = self.cfg.tenants[info.tenant]
         app = tenant.apps[info.app]
-        out = expected_output(app, info.max_tokens)
+        out = expected_output(app, info.max_tokens, info.predicted_output_tokens)
         cost = float(info.prompt_tokens + out)
         continuing = self.interactions.in_progress(info.tenant, info.interaction_id, now)
         opens = info.interaction_id is not None and not continuing

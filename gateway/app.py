@@ -17,6 +17,7 @@ from aiohttp import web
 from prometheus_client import generate_latest
 
 from engines.health import health_loop
+from engines.perf_model import GPUS, MODELS
 from engines.protocol import error_response, json_response
 from engines.registry import EngineRegistry, EngineState
 from engines.sim.engine import SimEngineConfig
@@ -25,11 +26,15 @@ from gateway.admin import tenants_view
 from gateway.auth import KeyRing
 from gateway.config import Config, EngineConfig
 from gateway.errors import ApiError
+from gateway.featurelog import FeatureLog
+from gateway.features import Record
 from gateway.gate import Gate
+from gateway.latency_router import EngineProfile, build_policy
+from gateway.lengths import REGIONS_HEADER, LengthService
 from gateway.metrics import GatewayMetrics
+from gateway.predictor import LengthPredictor
 from gateway.proxy import Outcome, Proxy
-from gateway.request import INTERACTION_HEADER, Endpoint, measure, parse_body
-from gateway.routing import LeastOutstanding
+from gateway.request import INTERACTION_HEADER, Endpoint, RequestInfo, measure, parse_body
 from gateway.state import BucketStore, MemoryStore, RedisStore
 from gateway.upstream import UpstreamPool
 
@@ -55,6 +60,7 @@ class Gateway:
     probes: aiohttp.ClientSession  # health checks and load scraping
     gate: Gate
     ids: Iterator[str] = field(default_factory=request_ids)
+    lengths: LengthService | None = None  # output-length prediction and the feature log
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
@@ -93,6 +99,7 @@ async def _proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
     rid = given if given and _REQUEST_ID.match(given) else next(gw.ids)
     out = Outcome()
     tenant = app = model = "-"
+    predicted: tuple[RequestInfo, Record] | None = None
     try:
         principal = gw.keys.authenticate(request.headers.get("Authorization"))
         tenant, app = principal.tenant, principal.app
@@ -125,6 +132,9 @@ async def _proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
             )
         info = measure(body, endpoint, principal, rid, request.headers.get(INTERACTION_HEADER),
                        arrival)  # fmt: skip
+        if gw.lengths is not None:
+            predicted = gw.lengths.annotate(info, body, request.headers.get(REGIONS_HEADER))
+            info = predicted[0]
         admitted = await gw.gate.enter(info)
         out.headers = admitted.headers
         out.on_events = lambda n: gw.gate.on_tokens(admitted, n)
@@ -145,6 +155,11 @@ async def _proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
         raise
     finally:
         _account(gw, rid, tenant, app, model, out, arrival)
+        if predicted is not None and gw.lengths is not None:
+            done = out.status == 200 and out.usage.completion_tokens is not None
+            gw.lengths.finish(*predicted, out.usage.completion_tokens if done else None,
+                              engine=out.engine, ttft=out.ttft,
+                              latency=time.perf_counter() - arrival)  # fmt: skip
 
 
 def _account(
@@ -242,6 +257,15 @@ async def _start_sim(cfg: Config, e: EngineConfig) -> tuple[web.AppRunner, str]:
     return runner, f"http://{cfg.sim.host}:{port}"
 
 
+def engine_profiles(engines: list[EngineConfig]) -> dict[str, EngineProfile]:
+    """Perf-model profiles for the router, for engines whose gpu and arch are known presets."""
+    return {
+        e.id: EngineProfile.named(e.gpu, e.arch, e.tp, e.max_num_seqs, e.max_batched_tokens)
+        for e in engines
+        if e.gpu in GPUS and e.arch in MODELS
+    }
+
+
 def build_app(cfg: Config) -> web.Application:
     """The gateway application for `cfg`; sim engines start with it, inside its event loop."""
     app = web.Application(client_max_size=cfg.server.max_body_bytes, middlewares=[openai_errors])
@@ -265,17 +289,24 @@ def build_app(cfg: Config) -> web.Application:
             pool = UpstreamPool(cfg.server.connect_timeout_s, cfg.server.read_timeout_s)
             session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
             metrics = GatewayMetrics()
-            router = LeastOutstanding()
-            proxy = Proxy(registry, router, pool, metrics, cfg.server)
+            rc = cfg.routing
+            policy = build_policy(rc.policy, engine_profiles(engines), rc.region_threshold)
+            proxy = Proxy(registry, policy, pool, metrics, cfg.server)
+            flog = None
+            if rc.feature_log_dir:
+                flog = FeatureLog(rc.feature_log_dir, rc.feature_log_max_bytes, rc.feature_log_keep)
+            lengths = LengthService(LengthPredictor(rc.model_path or None), flog,
+                                    rc.preferred_regions)  # fmt: skip
             store: BucketStore = (
                 RedisStore(cfg.state.redis_url, cfg.state.prefix)
                 if cfg.state.backend == "redis"
                 else MemoryStore()
             )
-            gate = Gate(cfg, registry, router, store, metrics)
+            gate = Gate(cfg, registry, policy, store, metrics)
             keys = KeyRing(cfg.tenants, cfg.admin.key_digests)
-            gw = Gateway(cfg, keys, metrics, registry, proxy, session, gate)
+            gw = Gateway(cfg, keys, metrics, registry, proxy, session, gate, lengths=lengths)
             app[GATEWAY] = gw
+            reload = asyncio.get_running_loop().create_task(lengths.watch(rc.reload_interval_s))
 
             def on_change(engine: EngineState, event: str) -> None:
                 if engine.healthy:
@@ -292,9 +323,11 @@ def build_app(cfg: Config) -> web.Application:
             health = asyncio.get_running_loop().create_task(probes)
             log.info("started", engines=len(engines), models=registry.models)
             yield
-            health.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await health
+            for task in (health, reload):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            lengths.close()
             gate.close()
             await store.close()
             await session.close()

@@ -85,6 +85,21 @@ def _sim(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_router(args: argparse.Namespace) -> int:
+    from gateway.train_router import format_report, train_and_report
+
+    try:
+        report = train_and_report(args.logs, args.output, holdout=args.holdout,
+                                  quantile=args.quantile, rounds=args.rounds)  # fmt: skip
+    except (OSError, ValueError) as exc:
+        print(f"fairway train-router: {exc}", file=sys.stderr)
+        return 2
+    print(f"held-out {args.holdout:.0%} of the logs:")
+    print(format_report(report, args.quantile))
+    print(f"model written to {args.output}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fairway", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -114,6 +129,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--backlog", type=int, default=2048, help="pending connections")
     p.set_defaults(func=_sim)
+
+    p = sub.add_parser("train-router", help="train the output-length model on feature logs")
+    p.add_argument("logs", nargs="+", help="feature log files or directories")
+    p.add_argument("-o", "--output", required=True, help="model file to write")
+    p.add_argument("--holdout", type=float, default=0.2, help="share held out, newest last")
+    p.add_argument("--quantile", type=float, default=0.9, help="the upper quantile")
+    p.add_argument("--rounds", type=int, default=300, help="boosting rounds per model")
+    p.set_defaults(func=_train_router)
 
     args = parser.parse_args(argv)
     result: int = args.func(args)

@@ -102,6 +102,23 @@ class SimConfig:
     host: str = "127.0.0.1"
 
 
+ROUTING_POLICIES = (
+    "predicted-latency", "round-robin", "jsq", "least-tokens", "power-of-two", "least-outstanding",
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingConfig:
+    policy: str = "predicted-latency"
+    region_threshold: float = 0.7  # leave the preferred region above this utilisation
+    preferred_regions: tuple[str, ...] = ()  # for requests without an X-Fairway-Regions header
+    model_path: str = ""  # the length model from `fairway train-router`; empty: running means
+    reload_interval_s: float = 2.0  # how often the model file is checked for a new version
+    feature_log_dir: str = ""  # empty: no feature log
+    feature_log_max_bytes: int = 64 << 20
+    feature_log_keep: int = 5
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig
@@ -112,6 +129,7 @@ class Config:
     fairness: FairnessConfig = field(default_factory=FairnessConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     state: StateConfig = field(default_factory=StateConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
 
     @property
     def models(self) -> list[str]:
@@ -196,6 +214,35 @@ def _server(t: _Table) -> ServerConfig:
     return cfg
 
 
+def _routing(t: _Table) -> RoutingConfig:
+    d = RoutingConfig()
+    policy = t.get("policy", str, d.policy)
+    if policy not in ROUTING_POLICIES:
+        t.errors.append(
+            f"{t.key('policy')} must be one of {', '.join(ROUTING_POLICIES)}, got {policy!r}"
+        )
+        policy = d.policy
+    threshold = t.number("region_threshold", d.region_threshold, gt=0)
+    if threshold > 1:
+        t.errors.append(f"{t.key('region_threshold')} must be <= 1, got {threshold:g}")
+    regions = t.get("preferred_regions", list, [])
+    if not all(isinstance(r, str) for r in regions):
+        t.errors.append(f"{t.key('preferred_regions')} must be a list of region names")
+        regions = []
+    cfg = RoutingConfig(
+        policy=policy,
+        region_threshold=threshold,
+        preferred_regions=tuple(regions),
+        model_path=t.get("model_path", str, d.model_path),
+        reload_interval_s=t.number("reload_interval_s", d.reload_interval_s, gt=0),
+        feature_log_dir=t.get("feature_log_dir", str, d.feature_log_dir),
+        feature_log_max_bytes=t.integer("feature_log_max_bytes", d.feature_log_max_bytes, ge=1024),
+        feature_log_keep=t.integer("feature_log_keep", d.feature_log_keep, ge=0),
+    )
+    t.finish()
+    return cfg
+
+
 def _tenant(name: str, t: _Table, digests_seen: dict[str, str]) -> TenantConfig:
     weight = t.number("weight", 1.0, gt=0)
     per_minute = t.number("tokens_per_minute", 0.0, ge=0)
@@ -269,6 +316,11 @@ def _engine(region: str, model: str, i: int, t: _Table) -> EngineConfig | None:
     if kind == "vllm":
         if not url.startswith(("http://", "https://")):
             t.errors.append(f"{t.key('url')} must be an http(s) URL for a vllm engine, got {url!r}")
+        # Optional for vllm: given, they let the router price steps with the perf model.
+        if "gpu" in t.data and gpu not in GPUS:
+            t.errors.append(f"{t.key('gpu')} must be one of {sorted(GPUS)}, got {gpu!r}")
+        if "arch" in t.data and arch not in MODELS:
+            t.errors.append(f"{t.key('arch')} must be one of {sorted(MODELS)}, got {arch!r}")
     elif kind == "sim":
         if gpu not in GPUS:
             t.errors.append(f"{t.key('gpu')} must be one of {sorted(GPUS)}, got {gpu!r}")
@@ -306,6 +358,7 @@ def parse(data: Mapping[str, Any]) -> Config:
     if level not in ("debug", "info", "warning", "error"):
         errors.append(f"logging.level must be debug, info, warning or error, got {level!r}")
     lt.finish()
+    routing = _routing(root.table("routing"))
 
     tenants_t = root.table("tenants")
     digests_seen: dict[str, str] = {}
@@ -343,7 +396,7 @@ def parse(data: Mapping[str, Any]) -> Config:
     root.finish()
     if errors:
         raise ConfigError(errors)
-    return Config(server, tenants, tuple(engines), sim, level, fairness, admin, state)
+    return Config(server, tenants, tuple(engines), sim, level, fairness, admin, state, routing)
 
 
 def load(path: str | Path) -> Config:

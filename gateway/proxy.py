@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ from engines.protocol import SSE_DONE, error_body, sse_event, sse_headers
 from engines.registry import EngineRegistry, EngineState
 from gateway.config import ServerConfig
 from gateway.errors import ApiError
+from gateway.latency_router import add_prompt
 from gateway.metrics import GatewayMetrics
 from gateway.request import RequestInfo
 from gateway.routing import RoutingPolicy
@@ -137,6 +139,11 @@ class Proxy:
             headers["Authorization"] = f"Bearer {engine.api_key}"
         engine.in_flight += 1
         engine.in_flight_prompt_tokens += info.prompt_tokens
+        engine.in_flight_decode_tokens += info.predicted_output_tokens or 0
+        engine.recent_prompt_rate, engine.recent_prompt_at = add_prompt(
+            engine.recent_prompt_rate, engine.recent_prompt_at, time.perf_counter(),
+            info.prompt_tokens,
+        )  # fmt: skip
         try:
             try:
                 ex = await self.pool.request(engine.url, info.endpoint.path, payload, headers)
@@ -172,6 +179,7 @@ class Proxy:
         finally:
             engine.in_flight -= 1
             engine.in_flight_prompt_tokens -= info.prompt_tokens
+            engine.in_flight_decode_tokens -= info.predicted_output_tokens or 0
 
     def _count_error(self, info: RequestInfo, engine: EngineState, kind: str) -> None:
         self.metrics.upstream_errors.labels(info.tenant, info.model, engine.id, kind).inc()

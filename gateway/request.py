@@ -44,6 +44,9 @@ class RequestInfo:
     include_usage: bool  # the client asked for a usage chunk at the end of its stream
     arrival: float  # time.perf_counter() when the request arrived
     preferred_regions: tuple[str, ...] = ()
+    # The length predictor's median and upper quantile of output tokens (None: not predicted).
+    predicted_output_tokens: int | None = None
+    predicted_output_upper: int | None = None
 
 
 _NUMBER = (int, float)

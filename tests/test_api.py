@@ -8,7 +8,7 @@ import orjson
 from aiohttp.test_utils import TestServer
 
 from gateway.app import Gateway
-from tests.conftest import ACME, MODEL, scrape
+from tests.conftest import ACME, MODEL, GatewayFactory, scrape
 
 Served = tuple[TestServer, Gateway]
 AUTH = {"Authorization": f"Bearer {ACME}"}
@@ -109,8 +109,15 @@ async def test_models_health_and_metrics(
     assert scrape(text, "fairway_request_latency_seconds_count", tenant="acme") == 1
 
 
-async def test_requests_spread_over_engines(client: openai.AsyncOpenAI, gateway: Served) -> None:
+async def test_requests_spread_over_engines(start_gateway: GatewayFactory) -> None:
     import asyncio
+
+    from tests.conftest import config_dict
+
+    cfg = config_dict()
+    cfg["routing"] = {"policy": "least-outstanding"}
+    server, _ = await start_gateway(cfg)
+    client = openai.AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key=ACME, max_retries=0)
 
     async def one() -> str:
         raw = await client.chat.completions.with_raw_response.create(

@@ -130,3 +130,34 @@ def test_serve_refuses_invalid_config(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 2
     assert "gpu must be one of" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("routing", "expected"),
+    [
+        ({"policy": "random"}, "routing.policy must be one of predicted-latency, round-robin, "
+         "jsq, least-tokens, power-of-two, least-outstanding, got 'random'"),
+        ({"region_threshold": 1.5}, "routing.region_threshold must be <= 1, got 1.5"),
+        ({"region_threshold": 0}, "routing.region_threshold must be > 0, got 0"),
+        ({"preferred_regions": "us-east"},
+         "routing.preferred_regions must be list, got 'us-east'"),
+        ({"preferred_regions": [1]}, "routing.preferred_regions must be a list of region names"),
+        ({"feature_log_keep": -1}, "routing.feature_log_keep must be >= 0, got -1"),
+        ({"feature_log_max_bytes": 10}, "routing.feature_log_max_bytes must be >= 1024, got 10"),
+        ({"model": "x"}, "routing.model is not a known setting"),
+    ],
+)  # fmt: skip
+def test_routing_errors_name_the_key(routing: dict[str, Any], expected: str) -> None:
+    data = config_dict()
+    data["routing"] = routing
+    assert expected in errors_of(data)
+
+
+def test_routing_defaults_and_vllm_perf_fields() -> None:
+    cfg = parse(config_dict())
+    assert cfg.routing.policy == "predicted-latency" and cfg.routing.model_path == ""
+    data = config_dict({"r": {MODEL: [{"kind": "vllm", "url": "http://x", "arch": "gpt-9"}]}})
+    assert f"engines.r.{MODEL}[0].arch must be one of" in errors_of(data)[0]
+    ok = config_dict({"r": {MODEL: [{"kind": "vllm", "url": "http://x", "gpu": "A100", "tp": 2}]}})
+    engine = parse(ok).engines[0]
+    assert (engine.gpu, engine.arch, engine.tp) == ("A100", MODEL, 2)

@@ -200,3 +200,14 @@ def test_wsc_continuations_cannot_ride_past_their_share() -> None:
     assert p.pop_next(0.0).rid == "a0"  # type: ignore[union-attr]
     p.served["b"] = 0.5
     assert p.pop_next(0.0).rid == "b-cont"  # type: ignore[union-attr]
+
+
+def test_expected_output_prefers_the_prediction_and_respects_max_tokens() -> None:
+    from gateway.admission import expected_output
+    from gateway.config import AppConfig
+
+    app = AppConfig("chat", expected_output_tokens=200)
+    assert expected_output(app, None) == 200
+    assert expected_output(app, None, predicted=37) == 37
+    assert expected_output(app, 20, predicted=37) == 20
+    assert expected_output(app, 500) == 200

@@ -142,6 +142,10 @@ def _parse(engine: SimEngine, body: Any, chat: bool) -> tuple[int, int, int, dic
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise _BadRequest("seed must be an integer", "seed")
     target = max_tokens if body.get("ignore_eos") else engine.sample_output_len(seed)
+    # Trace replay: the length the trace recorded, without revealing it through max_tokens.
+    forced = _int_param(body, "sim_output_tokens", None)
+    if forced is not None:
+        target = forced
     return prompt, max_tokens, min(target, max_tokens), body
 
 

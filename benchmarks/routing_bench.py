@@ -1,0 +1,212 @@
+"""Routing evaluation: every policy on the Azure conversation trace in the cluster simulator.
+
+1. The first 60% of the trace (synthetic tenants and bodies, benchmarks/routing_workload.py)
+   becomes a feature log, as the gateway writes it; `fairway train-router`'s code trains the
+   length model on it (its last 20% held out) and reports MAE against the two baselines.
+2. The fleet's capacity is measured by flooding it (every request at t=0) and counting
+   completions per second between the 10th and 90th percentile of finish times.
+3. The last 40% of the trace is replayed, time-scaled to 50%, 70% and 90% of that capacity, on 4
+   and 16 H100 engines serving Llama 3.1 8B, through each policy (on 16 engines, four copies of
+   the slice are superposed, each shifted and with its own application draw, so both fleets see
+   the same time compression). Each run uses the gateway's own policy and predictor objects.
+4. The cost of one routing decision over 16 engines and of one length prediction is timed.
+
+Prints the tables and writes docs/ROUTING.md (with docs/routing_latency.png) and
+docs/routing_sim.json. The live run through the gateway (benchmarks/routing_live.py) adds its
+own section when docs/routing_live.json exists.
+
+    make bench-routing      # or: .venv/bin/python benchmarks/routing_bench.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import shutil
+import sys
+import tempfile
+import time
+import timeit
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.routing_report import write_report  # noqa: E402
+from benchmarks.routing_sim import (  # noqa: E402
+    GatewayFrontend,
+    fleet,
+    make_job,
+    simulate,
+    summarise,
+)
+from benchmarks.routing_workload import Row, load_trace, requests  # noqa: E402
+from engines.cluster import Job  # noqa: E402
+from engines.registry import EngineSnapshot  # noqa: E402
+from gateway.featurelog import FeatureLog  # noqa: E402
+from gateway.latency_router import EngineProfile, build_policy  # noqa: E402
+from gateway.logs import configure  # noqa: E402
+from gateway.predictor import LengthPredictor  # noqa: E402
+from gateway.routing import POLICY_NAMES  # noqa: E402
+from gateway.train_router import train_and_report  # noqa: E402
+
+TRAIN_SHARE = 0.6
+EVAL_ROWS = 4000  # of the held-out 40%: enough for stable means, short enough for 2 cores
+WORK = ROOT / ".bench" / "routing"  # the feature log and the model, reused by routing_live.py
+LOADS = (0.5, 0.7, 0.9)
+FLEETS = (4, 16)
+
+
+def write_log(rows: list[Row], directory: Path) -> None:
+    """The feature log the gateway would have written for `rows`."""
+    pred = LengthPredictor()
+    log = FeatureLog(directory)
+    for i, r in enumerate(requests(rows)):
+        _, rec = make_job(str(i), r.t, r.tenant, r.app, r.body, r.output_tokens).info
+        pred.with_history(rec)
+        rec["output_tokens"] = r.output_tokens
+        log.write(rec)
+        pred.observe(rec, r.output_tokens)
+    log.close()
+
+
+def eval_jobs(rows: list[Row], start: int, copies: int) -> list[Job]:
+    """Jobs for the evaluation slice, `copies` superposed (each shifted cyclically)."""
+    t0 = rows[0].t
+    span = rows[-1].t - t0
+    jobs: list[Job] = []
+    for c in range(copies):
+        shift = span * c / copies
+        for k, r in enumerate(requests(rows, start + c * 1_000_003)):
+            t = (r.t - t0 + shift) % span
+            jobs.append(make_job(f"{c}-{k}", t, r.tenant, r.app, r.body, r.output_tokens))
+    jobs.sort(key=lambda j: j.arrival)
+    return jobs
+
+
+def capacity(n: int, jobs: list[Job]) -> float:
+    """Requests per second the fleet completes when flooded."""
+    flood = [Job(j.id, 0.0, j.model, j.prompt_tokens, j.output_tokens, j.info) for j in jobs]
+    front = GatewayFrontend(build_policy("least-outstanding"), LengthPredictor())
+    done = sorted(j.finished or 0.0 for j in simulate(fleet(n), front, flood))
+    k = len(done)
+    return 0.8 * k / (done[int(0.9 * k)] - done[int(0.1 * k)])
+
+
+def run_all(jobs: list[Job], n: int, cap: float, model: Path, quick: bool) -> list[dict[str, Any]]:
+    rate = len(jobs) / (jobs[-1].arrival - jobs[0].arrival)
+    out = []
+    for load in LOADS:
+        k = rate / (load * cap)
+        scaled = [Job(j.id, j.arrival * k, j.model, j.prompt_tokens, j.output_tokens, j.info)
+                  for j in jobs]  # fmt: skip
+        for name in POLICY_NAMES:
+            t = time.perf_counter()
+            front = GatewayFrontend(build_policy(name), LengthPredictor(model))
+            done = simulate(fleet(n), front, scaled)
+            s = summarise(done)
+            err = [abs((j.info[0].predicted_output_tokens or 0) - j.generated) for j in done]
+            row = {"engines": n, "load": load, "policy": name, **asdict(s),
+                   "pred_mae": sum(err) / len(err), "wall_s": time.perf_counter() - t}  # fmt: skip
+            out.append(row)
+            print(
+                f"{n:>3} engines {load:.0%} {name:<18} mean {s.mean_e2e:6.2f} s  "
+                f"p99 {s.p99_e2e:6.2f} s  ttft {s.mean_ttft * 1000:6.0f} ms  "
+                f"tpot {s.mean_tpot * 1000:5.1f} ms  ({row['wall_s']:.1f} s)",
+                flush=True,
+            )
+    return out
+
+
+def decision_cost(n: int = 16) -> dict[str, float]:
+    """Microseconds per choose() over `n` engines with mixed load, per policy."""
+    rng = random.Random(1)
+    snaps = [
+        EngineSnapshot(f"e{i}", "r0", "m", True, rng.randint(0, 200), rng.randint(0, 5),
+                       rng.random(), rng.randint(0, 200), rng.randint(0, 200_000),
+                       rng.randint(0, 60_000), rng.uniform(0, 30_000), -rng.random())
+        for i in range(n)
+    ]  # fmt: skip
+    probe = make_job("x", 0.0, "acme", "chat", {"model": "m", "messages": [
+        {"role": "user", "content": "hello " * 300}], "max_tokens": 512}, 100).info[0]  # fmt: skip
+    info = replace(probe, predicted_output_tokens=180, predicted_output_upper=600)
+    profiles = {s.id: EngineProfile.named() for s in snaps}
+    out = {}
+    for name in POLICY_NAMES:
+        policy = build_policy(name, profiles)
+        reps = 20000
+        best = min(timeit.repeat(lambda p=policy: p.choose(info, snaps), number=reps, repeat=5))
+        out[name] = best / reps * 1e6
+    return out
+
+
+def predictor_cost(model: Path, rows: list[Row], start: int) -> dict[str, float]:
+    recs = [make_job(str(i), r.t, r.tenant, r.app, r.body, r.output_tokens).info[1]
+            for i, r in enumerate(requests(rows[:500], start))]  # fmt: skip
+    out = {}
+    for label, pred in (("LightGBM model", LengthPredictor(model)),
+                        ("fallback (running quantiles)", LengthPredictor())):  # fmt: skip
+
+        def once(p: LengthPredictor = pred) -> None:
+            for r in recs:
+                p.predict(p.with_history(r))
+
+        out[label] = min(timeit.repeat(once, number=1, repeat=3)) / len(recs) * 1e6
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a 2,000-request slice, for a smoke run")
+    ap.add_argument("--out", default=str(ROOT / "docs"))
+    args = ap.parse_args()
+    configure("warning")
+    rows = load_trace()
+    cut = int(len(rows) * TRAIN_SHARE)
+    train_rows, eval_rows = rows[:cut], rows[cut : cut + EVAL_ROWS]
+    if args.quick:
+        train_rows, eval_rows = train_rows[-4000:], eval_rows[:2000]
+    work = Path(tempfile.mkdtemp(prefix="fairway-routing-")) if args.quick else WORK
+    shutil.rmtree(work / "logs", ignore_errors=True)
+    write_log(train_rows, work / "logs")
+    model = work / "length-model.json"
+    t = time.perf_counter()
+    report = train_and_report([work / "logs"], model, rounds=200, show_progress=False)
+    train_s = time.perf_counter() - t
+    for name, s in report.items():
+        print(f"{name:<22} MAE {s.mae:6.1f}  bucket {s.bucket_accuracy:.1%}  "
+              f"p90 coverage {s.coverage:.1%}")  # fmt: skip
+    results: list[dict[str, Any]] = []
+    caps = {}
+    for n in FLEETS:
+        jobs = eval_jobs(eval_rows, cut, n // 4)
+        caps[n] = capacity(n, jobs)
+        print(f"{n} engines: capacity {caps[n]:.1f} req/s on this workload", flush=True)
+        results += run_all(jobs, n, caps[n], model, args.quick)
+    doc = {
+        "machine": f"{platform.processor() or platform.machine()}, {platform.system()} "
+        f"{platform.release()}, Python {platform.python_version()}",
+        "date": time.strftime("%Y-%m-%d"),
+        "quick": args.quick,
+        "train_rows": len(train_rows),
+        "eval_rows": len(eval_rows),
+        "train_s": train_s,
+        "predictor": {k: asdict(v) for k, v in report.items()},
+        "capacity": caps,
+        "results": results,
+        "decision_us": decision_cost(),
+        "predict_us": predictor_cost(model, eval_rows, cut),
+    }
+    out = Path(args.out)
+    (out / "routing_sim.json").write_text(json.dumps(doc, indent=1))
+    write_report(doc, out)
+    print(f"wrote {out / 'ROUTING.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
