@@ -33,13 +33,16 @@ from loadtest.report import load, tables  # noqa: E402
 
 BIN = Path(sys.executable).parent
 WEIGHTS = {"acme": 2.0, "globex": 1.0, "initech": 1.0}
-SHARE = 180_000  # tokens a minute per unit of weight: the engines serve about four of these
+SHARE = 100_000  # tokens a minute per unit of weight: the engines serve about four of these
 # (label, fairness policy, token buckets on, locust user classes)
+WELL = ("AcmeChat=6", "AcmeAgent=3", "GlobexChat=3")
+ABUSE = (*WELL, "Abuser=10")
+CALM = (*WELL, "InitechBatch=3")
 RUNS = (
-    ("fcfs, abuser", "fcfs", False, ("AcmeChat", "AcmeAgent", "GlobexChat", "Abuser")),
-    ("vtc, abuser", "vtc", False, ("AcmeChat", "AcmeAgent", "GlobexChat", "Abuser")),
-    ("wsc+oit, abuser", "wsc", True, ("AcmeChat", "AcmeAgent", "GlobexChat", "Abuser")),
-    ("wsc+oit, no abuser", "wsc", True, ("AcmeChat", "AcmeAgent", "GlobexChat", "InitechBatch")),
+    ("fcfs, abuser", "fcfs", False, ABUSE),
+    ("vtc, abuser", "vtc", False, ABUSE),
+    ("wsc+oit, abuser", "wsc", True, ABUSE),
+    ("wsc+oit, no abuser", "wsc", True, CALM),
 )
 
 
@@ -87,7 +90,7 @@ def write_config(path: Path, port: int, policy: str, buckets: bool) -> None:
         lines.append(f"keys = {toml_value(t['keys'])}\n")
     for _ in range(2):
         lines.append('[[engines.us-east."llama-3.1-8b"]]\nkind = "sim"\ngpu = "A100"')
-        lines.append("max_running = 8\n")
+        lines.append("max_running = 4\n")
     path.write_text("\n".join(lines))
 
 
@@ -162,14 +165,14 @@ def main() -> None:
         f"Measured {time.strftime('%Y-%m-%d')} on {machine()}, with "
         "`.venv/bin/python benchmarks/fairness_live.py`: `fairway serve` with the shipped "
         "tenants (acme weight 2 with a chat and an agent application, globex and initech "
-        "weight 1) in front of two simulated A100 engines (8 requests in flight each, time "
+        "weight 1) in front of two simulated A100 engines (4 requests in flight each, time "
         f"scale 1), and locust for {args.seconds} s per run: acme's chat and agent users, "
-        "globex's chat users and, as `Abuser`, ten initech users sending back to back "
-        "(`InitechBatch`, one user's share, in the no-abuser run); users wait out `Retry-After` "
-        "after a 429, as the openai SDK does. Lengths from the Azure "
+        "globex's chat users (6, 3 and 3 users) and, as `Abuser`, ten initech users sending "
+        "back to back (three `InitechBatch` users, one share, in the no-abuser run); users "
+        "wait out `Retry-After` after a 429, as the openai SDK does. Lengths from the Azure "
         "trace, outputs capped at 64 tokens; the applications declare those shapes. The "
-        "`wsc+oit` runs give each tenant a token bucket of 180,000 tokens a minute per unit of "
-        "weight (the engines serve about four such shares), `overload_at = 0.6`; the others "
+        "`wsc+oit` runs give each tenant a token bucket of 100,000 tokens a minute per unit of "
+        "weight, `overload_at = 0.6`; the others "
         "run without buckets. Service windows of 10 s. The client, the gateway "
         "and the engines share this machine's two cores, so absolute times include that.\n\n"
         + "\n".join(body)

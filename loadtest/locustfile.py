@@ -17,7 +17,8 @@ computes VTC's fairness metrics. This package talks HTTP only; it imports nothin
 
 Environment: FAIRWAY_MODEL (llama-3.1-8b), FAIRWAY_TRACE (the Azure CSV), FAIRWAY_MAX_OUTPUT
 (cap on output tokens, 256), FAIRWAY_CYCLE_S (seconds between a user's requests, 4),
-FAIRWAY_SPEEDUP (trace compression, 60), FAIRWAY_KEY_<CLASS> to override a class's key.
+FAIRWAY_SPEEDUP (trace compression, 60), FAIRWAY_KEY_<CLASS> to override a class's key,
+FAIRWAY_USERS (e.g. AcmeChat=6,Abuser=10: exact user counts per class).
 """
 
 from __future__ import annotations
@@ -187,15 +188,26 @@ class InitechBatch(FairwayUser):
 
 
 class Abuser(FairwayUser):
-    """initech's batch key sent back to back: many times its share. FAIRWAY_ABUSERS pins how
-    many of these users run, whatever -u says."""
+    """initech's batch key sent back to back: many times its share."""
 
     key = "sk-initech-batch"
     tenant = "initech"
     app = "batch"
     wait_time = constant(0)
     weight = 1
-    fixed_count = int(os.environ.get("FAIRWAY_ABUSERS", "0"))
+
+
+def _pin_user_counts() -> None:
+    """FAIRWAY_USERS=AcmeChat=6,Abuser=10 runs exactly that many users of those classes,
+    whatever -u says (locust's fixed_count)."""
+    for item in filter(None, os.environ.get("FAIRWAY_USERS", "").split(",")):
+        name, _, count = item.partition("=")
+        cls = globals().get(name.strip())
+        if isinstance(cls, type) and issubclass(cls, FairwayUser):
+            cls.fixed_count = int(count)
+
+
+_pin_user_counts()
 
 
 class TraceShape(LoadTestShape):
