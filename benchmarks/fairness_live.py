@@ -118,28 +118,16 @@ def run(label: str, policy: str, buckets: bool, users: tuple[str, ...], seconds:
     try:
         wait_healthy(url)
         env = {**os.environ, "FAIRWAY_RECORDS": str(records), "FAIRWAY_MAX_OUTPUT": "64",
-               "FAIRWAY_CYCLE_S": "3", "FAIRWAY_ABUSERS": "10"}  # fmt: skip
+               "FAIRWAY_CYCLE_S": "3", "FAIRWAY_USERS": ",".join(users)}  # fmt: skip
+        count = sum(int(u.split("=")[1]) for u in users)
+        classes = [u.split("=")[0] for u in users]
+        # locust exits 1 when any request failed: the refusals are expected here.
         subprocess.run(
-            [
-                str(BIN / "locust"),
-                "-f",
-                str(ROOT / "loadtest" / "locustfile.py"),
-                "--headless",
-                "-u",
-                "22",
-                "-r",
-                "22",
-                "-t",
-                f"{seconds}s",
-                "-H",
-                url,
-                "--only-summary",
-                *users,
-            ],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip  (locust exits 1 when any request failed: refusals are expected here)
+            [str(BIN / "locust"), "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless",
+             "-u", str(count), "-r", str(count), "-t", f"{seconds}s", "-H", url,
+             "--only-summary", *classes],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
     finally:
         gw.terminate()
         gw.wait(10)

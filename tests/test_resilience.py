@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 from typing import Any
 
@@ -51,7 +52,7 @@ async def one_engine(start_gateway: Any) -> tuple[TestServer, Gateway, str]:
 
 @pytest.mark.parametrize("stream", [True, False])
 async def test_client_disconnect_aborts_upstream(
-    one_engine: tuple[TestServer, Gateway, str], stream: bool
+    one_engine: tuple[TestServer, Gateway, str], stream: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     server, gw, url = one_engine
     async with aiohttp.ClientSession() as http:
@@ -75,6 +76,8 @@ async def test_client_disconnect_aborts_upstream(
         await wait_for(aborted)
         assert gw.registry.engines["us-east/llama-3.1-8b/0"].in_flight == 0
         assert scrape(await engine_metrics(http, url), "vllm:kv_cache_usage_perc") == 0
+    # A client that hangs up is not a server error: no traceback anywhere.
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 async def test_failover_to_live_engine_and_readmission(start_gateway: Any) -> None:

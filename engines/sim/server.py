@@ -194,8 +194,13 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
             resp = await _stream(request, stream, base, chat, max_tokens, usage, start, metrics)
         else:
             resp = await _whole(stream, base, chat, max_tokens, start, metrics)
+    except _ClientGone as gone:
+        # The client went away mid-stream: free the slot and its KV blocks, as vLLM aborts a
+        # request. Not a server error: nothing to log, the response simply ends here.
+        engine.abort(stream)
+        metrics.success["abort"].inc()
+        return gone.resp
     except (asyncio.CancelledError, ConnectionError):
-        # The client went away: free the slot and its KV blocks, as vLLM aborts a request.
         engine.abort(stream)
         metrics.success["abort"].inc()
         raise
@@ -203,6 +208,11 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     metrics.success["length" if seq.output >= max_tokens else "stop"].inc()
     metrics.e2e.observe(time.perf_counter() - start)
     return resp
+
+
+class _ClientGone(Exception):
+    def __init__(self, resp: web.StreamResponse) -> None:
+        self.resp = resp
 
 
 async def _next_tokens(stream: Stream) -> None:
@@ -222,6 +232,23 @@ async def _stream(
 ) -> web.StreamResponse:
     resp = web.StreamResponse(headers=sse_headers())
     await resp.prepare(request)
+    try:
+        await _stream_tokens(resp, stream, base, chat, max_tokens, include_usage, start, metrics)
+    except ConnectionResetError:
+        raise _ClientGone(resp) from None
+    return resp
+
+
+async def _stream_tokens(
+    resp: web.StreamResponse,
+    stream: Stream,
+    base: dict[str, Any],
+    chat: bool,
+    max_tokens: int,
+    include_usage: bool,
+    start: float,
+    metrics: SimMetrics,
+) -> None:
     seq = stream.seq
     sent = 0
     while not seq.finished:
@@ -242,7 +269,6 @@ async def _stream(
         await resp.write(sse_event({**base, "choices": [], "usage": usage}))
     await resp.write(SSE_DONE)
     await resp.write_eof()
-    return resp
 
 
 async def _whole(
