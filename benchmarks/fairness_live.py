@@ -32,6 +32,14 @@ from gateway_overhead import machine  # noqa: E402
 from loadtest.report import load, tables  # noqa: E402
 
 BIN = Path(sys.executable).parent
+READING = (
+    "Reading it: the policies are judged here by the well-behaved tenants' TTFT (acme, "
+    "globex): under FCFS they queue behind the abuser; VTC and WSC put them first. The short "
+    "runs give few requests per 10 s window, so the service difference moves a lot between "
+    "runs; under `wsc+oit` it also counts the abuser's refused requests as unmet demand, which "
+    "OIT refuses on purpose. p99s on this shared 2-core machine include CPU stalls of the "
+    "client, the gateway and the engines alike."
+)
 WEIGHTS = {"acme": 2.0, "globex": 1.0, "initech": 1.0}
 SHARE = 100_000  # tokens a minute per unit of weight: the engines serve about four of these
 # (label, fairness policy, token buckets on, locust user classes)
@@ -163,6 +171,8 @@ def main() -> None:
         "weight, `overload_at = 0.6`; the others "
         "run without buckets. Service windows of 10 s. The client, the gateway "
         "and the engines share this machine's two cores, so absolute times include that.\n\n"
+        + READING
+        + "\n\n"
         + "\n".join(body)
         + "<!-- /live -->"
     )
