@@ -232,43 +232,30 @@ async def _stream(
 ) -> web.StreamResponse:
     resp = web.StreamResponse(headers=sse_headers())
     await resp.prepare(request)
+    seq = stream.seq
+    sent = 0
     try:
-        await _stream_tokens(resp, stream, base, chat, max_tokens, include_usage, start, metrics)
+        while not seq.finished:
+            await _next_tokens(stream)
+            if seq.output == sent:
+                continue
+            if sent == 0:
+                metrics.ttft.observe(time.perf_counter() - start)
+            finish = None
+            if seq.finished:
+                finish = "length" if seq.output >= max_tokens else "stop"
+            choice = _choice(chat, filler(sent, seq.output), finish, sent == 0)
+            metrics.generation_tokens.inc(seq.output - sent)
+            sent = seq.output
+            await resp.write(sse_event({**base, "choices": [choice]}))
+        if include_usage:
+            usage = _usage(seq.prompt_tokens, seq.output)
+            await resp.write(sse_event({**base, "choices": [], "usage": usage}))
+        await resp.write(SSE_DONE)
+        await resp.write_eof()
     except ConnectionResetError:
         raise _ClientGone(resp) from None
     return resp
-
-
-async def _stream_tokens(
-    resp: web.StreamResponse,
-    stream: Stream,
-    base: dict[str, Any],
-    chat: bool,
-    max_tokens: int,
-    include_usage: bool,
-    start: float,
-    metrics: SimMetrics,
-) -> None:
-    seq = stream.seq
-    sent = 0
-    while not seq.finished:
-        await _next_tokens(stream)
-        if seq.output == sent:
-            continue
-        if sent == 0:
-            metrics.ttft.observe(time.perf_counter() - start)
-        finish = None
-        if seq.finished:
-            finish = "length" if seq.output >= max_tokens else "stop"
-        choice = _choice(chat, filler(sent, seq.output), finish, sent == 0)
-        metrics.generation_tokens.inc(seq.output - sent)
-        sent = seq.output
-        await resp.write(sse_event({**base, "choices": [choice]}))
-    if include_usage:
-        usage = _usage(seq.prompt_tokens, seq.output)
-        await resp.write(sse_event({**base, "choices": [], "usage": usage}))
-    await resp.write(SSE_DONE)
-    await resp.write_eof()
 
 
 async def _whole(
