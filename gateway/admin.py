@@ -46,14 +46,15 @@ async def tenants_view(gate: Gate) -> dict[str, Any]:
         "policy": cfg.fairness.policy,
         "tenants": out,
         "engines": {
-            eid: {"running": load.running, "tokens": load.tokens, **vars_of(d.limits[eid])}
+            eid: {
+                "running": load.running,
+                "tokens": load.tokens,
+                "max_running": d.limits[eid].max_running,
+                "max_tokens": d.limits[eid].max_tokens,
+            }
             for eid, load in d.load.items()
         },
     }
-
-
-def vars_of(limit: Any) -> dict[str, Any]:
-    return {"max_running": limit.max_running, "max_tokens": limit.max_tokens}
 
 
 def _bucket(per_minute: float, burst: float, level: float) -> dict[str, float]:

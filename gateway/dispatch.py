@@ -80,8 +80,13 @@ class Dispatcher:
         cost = t.prompt_tokens + t.expected_output
         return not lim.max_tokens or load.running == 0 or load.tokens + cost <= lim.max_tokens
 
-    def open_engines(self, model: str, t: Ticket) -> list[EngineSnapshot]:
-        return [s for s in self.snapshots(model) if s.id in self.limits and self._room(s.id, t)]
+    def open_engines(
+        self, model: str, t: Ticket, healthy: list[EngineSnapshot] | None = None
+    ) -> list[EngineSnapshot]:
+        """The healthy engines of `model` with room for `t` (`healthy`: snapshots already
+        taken for this decision)."""
+        snaps = self.snapshots(model) if healthy is None else healthy
+        return [s for s in snaps if s.id in self.limits and self._room(s.id, t)]
 
     def utilisation(self, model: str) -> float:
         """In-flight load over the limits of the model's healthy engines, 0..1 (or more)."""
@@ -106,10 +111,11 @@ class Dispatcher:
     def submit(self, t: Ticket, model: str, now: float) -> tuple[Decision, str]:
         """A request arrives. START comes with its engine, already reserved."""
         policy = self.policy(model)
-        if not self.snapshots(model):
+        healthy = self.snapshots(model)
+        if not healthy:
             return Decision.UNAVAILABLE, ""
         if not policy.waiting() and policy.may_start(t.tenant, now):
-            engines = self.open_engines(model, t)
+            engines = self.open_engines(model, t, healthy)
             if engines:
                 return Decision.START, self._start(t, model, engines, now)
         if policy.backlog(t.tenant) >= self.max_queue:

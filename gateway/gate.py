@@ -118,10 +118,15 @@ class Gate:
             self.metrics.dropped.labels(p.info.tenant, reason).inc()
             if isinstance(exc, asyncio.CancelledError):
                 raise
+            why = (
+                "stayed saturated"
+                if self.dispatcher.snapshots(model)
+                else "was ejected (no healthy engine came back)"
+            )
             raise ApiError(
                 503,
-                f"Every engine of model '{model}' stayed saturated for {timeout:g} s while this "
-                "request waited in the queue; retry later.",
+                f"Every engine of model '{model}' {why} for {timeout:g} s while this request "
+                "waited in the queue; retry later.",
                 code="queue_timeout",
                 headers={**p.headers, "Retry-After": str(self.cfg.server.retry_after_s)},
             ) from None
