@@ -34,8 +34,8 @@ from fairness_report import Run, fairness_table, throughput, write_report  # noq
 from gateway_overhead import machine  # noqa: E402
 
 from engines.cluster import ClusterSim, EngineSpec, Job  # noqa: E402
-from gateway.config import Config, parse  # noqa: E402
-from gateway.routing import LeastOutstanding  # noqa: E402
+from gateway.config.schema import Config, parse  # noqa: E402
+from gateway.routing.policies import LeastOutstanding  # noqa: E402
 from gateway.simulate import GateFrontend, request_info  # noqa: E402
 from loadtest.metrics import Record, fairness  # noqa: E402
 

@@ -46,13 +46,13 @@ from benchmarks.routing_sim import (  # noqa: E402
 )
 from benchmarks.routing_workload import Row, load_trace, requests  # noqa: E402
 from engines.cluster import Job  # noqa: E402
-from engines.registry import EngineSnapshot  # noqa: E402
-from gateway.featurelog import FeatureLog  # noqa: E402
-from gateway.latency_router import EngineProfile, build_policy  # noqa: E402
-from gateway.logs import configure  # noqa: E402
-from gateway.predictor import LengthPredictor  # noqa: E402
-from gateway.routing import POLICY_NAMES  # noqa: E402
-from gateway.train_router import train_and_report  # noqa: E402
+from gateway.core.ledger import EngineSnapshot  # noqa: E402
+from gateway.lengths.featurelog import FeatureLog  # noqa: E402
+from gateway.lengths.predictor import LengthPredictor  # noqa: E402
+from gateway.lengths.train import train_and_report  # noqa: E402
+from gateway.obs.logs import configure  # noqa: E402
+from gateway.routing.latency import EngineProfile, build_policy  # noqa: E402
+from gateway.routing.policies import POLICY_NAMES  # noqa: E402
 
 TRAIN_SHARE = 0.6
 EVAL_ROWS = 4000  # of the held-out 40%: enough for stable means, short enough for 2 cores

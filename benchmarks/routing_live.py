@@ -1,6 +1,6 @@
 """Live routing run: the real gateway on simulated engines, a trace slice replayed through it.
 
-The gateway is built with `gateway.app.build_app` on a config of simulated H100 engines and run
+The gateway is built with `gateway.http.app.build_app` on a config of simulated H100 engines and run
 in this process (uvloop), with the length model that routing_bench.py trains (trained here if
 missing). An async aiohttp client replays the evaluation slice of the Azure trace (synthetic
 tenants and bodies, benchmarks/routing_workload.py) at a share of the fleet's capacity measured
@@ -41,11 +41,11 @@ from benchmarks.routing_bench import (  # noqa: E402
 )
 from benchmarks.routing_report import write_report  # noqa: E402
 from benchmarks.routing_workload import APPS, load_trace, requests  # noqa: E402
-from gateway.app import build_app  # noqa: E402
-from gateway.auth import digest  # noqa: E402
-from gateway.config import parse  # noqa: E402
-from gateway.logs import configure  # noqa: E402
-from gateway.train_router import train_and_report  # noqa: E402
+from gateway.config.schema import parse  # noqa: E402
+from gateway.http.app import build_app  # noqa: E402
+from gateway.http.auth import digest  # noqa: E402
+from gateway.lengths.train import train_and_report  # noqa: E402
+from gateway.obs.logs import configure  # noqa: E402
 
 MODEL = "llama-3.1-8b"
 

@@ -16,13 +16,13 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from engines.cluster import ClusterSim, EngineSpec, Job
-from engines.registry import EngineSnapshot
 from engines.tokens import chat_prompt_tokens
-from gateway.features import Record, extract
-from gateway.latency_router import add_prompt
-from gateway.predictor import LengthPredictor
-from gateway.request import Endpoint, RequestInfo
-from gateway.routing import RoutingPolicy
+from gateway.core.ledger import EngineSnapshot
+from gateway.core.request import Endpoint, RequestInfo
+from gateway.lengths.features import Record, extract
+from gateway.lengths.predictor import LengthPredictor
+from gateway.routing.latency import add_prompt
+from gateway.routing.policies import RoutingPolicy
 
 
 @dataclass(slots=True)

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from engines.perf_model import PerfModel
-from engines.registry import EngineSnapshot
 from engines.sim.scheduler import Scheduler, Sequence, StepPlan
 
 
@@ -92,14 +91,13 @@ class SimulatedEngine:
         )
         return cls(spec, perf, sched)
 
-    def snapshot(self) -> EngineSnapshot:
-        """What the gateway would know: its own in-flight count and the engine's gauges."""
-        pending = sum(s.prompt_tokens for s in self.seqs.values() if s.output == 0)
-        s = self.spec
-        return EngineSnapshot(
-            s.id, s.region, s.model, True, len(self.sched.running), len(self.sched.waiting),
-            self.sched.kv_usage, len(self.jobs), pending,
-        )  # fmt: skip
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    def gauges(self) -> tuple[int, int, float]:
+        """What the engine's `/metrics` would say now: running, waiting, KV use (0..1)."""
+        return len(self.sched.running), len(self.sched.waiting), self.sched.kv_usage
 
 
 class Frontend(Protocol):
@@ -139,8 +137,8 @@ class ClusterSim:
         self._wake_at: float | None = None
         self._tie = itertools.count()
 
-    def snapshots(self, model: str) -> list[EngineSnapshot]:
-        return [e.snapshot() for e in self.by_model.get(model, ())]
+    def engines_of(self, model: str) -> list[SimulatedEngine]:
+        return list(self.by_model.get(model, ()))
 
     def run(
         self,
@@ -225,16 +223,16 @@ class ClusterSim:
 
 class RouteOnArrival:
     """The simplest frontend: no admission, no queue; each request is routed as it arrives.
-    `choose(job, snapshots)` wraps a routing policy; snapshots come from the simulator."""
+    `choose(job, engines)` picks one of the model's simulated engines by id."""
 
-    def __init__(self, choose: Callable[[Job, list[EngineSnapshot]], str]) -> None:
+    def __init__(self, choose: Callable[[Job, list[SimulatedEngine]], str]) -> None:
         self.choose = choose
         self.sim: ClusterSim | None = None
         self._ready: list[tuple[Job, str]] = []
 
     def on_arrival(self, job: Job, now: float) -> None:
         assert self.sim is not None, "attach the simulator: frontend.sim = sim"
-        self._ready.append((job, self.choose(job, self.sim.snapshots(job.model))))
+        self._ready.append((job, self.choose(job, self.sim.engines_of(job.model))))
 
     def ready(self, now: float) -> Iterable[tuple[Job, str]]:
         out, self._ready = self._ready, []

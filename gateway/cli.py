@@ -9,12 +9,12 @@ from collections.abc import Sequence
 import uvloop
 from aiohttp import web
 
-from gateway.config import ConfigError, load
+from gateway.config.schema import ConfigError, load
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from gateway.app import build_app
-    from gateway.logs import configure
+    from gateway.http.app import build_app
+    from gateway.obs.logs import configure
 
     try:
         cfg = load(args.config)
@@ -58,7 +58,7 @@ def _check(args: argparse.Namespace) -> int:
 def _sim(args: argparse.Namespace) -> int:
     from engines.sim.engine import SimEngineConfig
     from engines.sim.server import build_app
-    from gateway.logs import configure
+    from gateway.obs.logs import configure
 
     configure("info")
     cfg = SimEngineConfig(
@@ -86,7 +86,7 @@ def _sim(args: argparse.Namespace) -> int:
 
 
 def _train_router(args: argparse.Namespace) -> int:
-    from gateway.train_router import format_report, train_and_report
+    from gateway.lengths.train import format_report, train_and_report
 
     try:
         report = train_and_report(args.logs, args.output, holdout=args.holdout,

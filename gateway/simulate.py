@@ -1,6 +1,6 @@
 """The gateway's gate on the cluster simulator's clock.
 
-`GateFrontend` is `gateway.gate.Gate` without the asyncio: the same `Admission` (OIT), token
+`GateFrontend` is `gateway.http.gate.Gate` without the asyncio: the same `Admission` (OIT), token
 buckets (`MemoryStore`), `Dispatcher` with its fairness policy and the same router, driven by
 `engines.cluster.ClusterSim` callbacks instead of HTTP requests. A simulated request is a
 `Job` whose `info` is the `RequestInfo` the gateway would have built.
@@ -12,14 +12,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from engines.cluster import ClusterSim, Job
-from engines.registry import EngineSnapshot
-from gateway.admission import Admission, Keyed
-from gateway.config import Config
-from gateway.dispatch import Decision, build_dispatcher
-from gateway.fairness import Ticket
-from gateway.request import Endpoint, RequestInfo
-from gateway.routing import RoutingPolicy
-from gateway.state import MemoryStore
+from gateway.config.schema import Config
+from gateway.core.admission import Admission, Keyed
+from gateway.core.dispatch import Decision, build_dispatcher
+from gateway.core.fairness import Ticket
+from gateway.core.ledger import EngineSnapshot
+from gateway.core.request import Endpoint, RequestInfo
+from gateway.routing.policies import RoutingPolicy
+from gateway.state.buckets import MemoryStore
 
 
 def request_info(
@@ -63,7 +63,14 @@ class GateFrontend:
 
     def _snapshots(self, model: str) -> list[EngineSnapshot]:
         assert self.sim is not None, "attach the simulator: frontend.sim = sim"
-        return self.sim.snapshots(model)
+        out = []
+        for e in self.sim.engines_of(model):
+            running, waiting, kv = e.gauges()
+            pending = sum(s.prompt_tokens for s in e.seqs.values() if s.output == 0)
+            sp = e.spec
+            out.append(EngineSnapshot(sp.id, sp.region, sp.model, True, running, waiting, kv,
+                                      len(e.jobs), pending))  # fmt: skip
+        return out
 
     def _route(self, t: Ticket, engines: list[EngineSnapshot]) -> str:
         job: Job = t.payload

@@ -15,9 +15,9 @@ from aiohttp.test_utils import TestServer
 
 from engines.sim.engine import SimEngineConfig
 from engines.sim.server import build_app as build_sim_app
-from gateway.app import GATEWAY, Gateway, build_app
-from gateway.auth import digest
-from gateway.config import Config, parse
+from gateway.config.schema import Config, parse
+from gateway.http.app import GATEWAY, Gateway, build_app
+from gateway.http.auth import digest
 
 KEYS = {"sk-test-acme-chat": ("acme", "chat"), "sk-test-globex-chat": ("globex", "chat")}
 ACME = "sk-test-acme-chat"

@@ -7,7 +7,7 @@ import openai
 import orjson
 from aiohttp.test_utils import TestServer
 
-from gateway.app import Gateway
+from gateway.http.app import Gateway
 from tests.conftest import ACME, MODEL, GatewayFactory, scrape
 
 Served = tuple[TestServer, Gateway]

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from engines.cluster import ClusterSim, EngineSpec, Job, RouteOnArrival
+from engines.cluster import ClusterSim, EngineSpec, Job, RouteOnArrival, SimulatedEngine
 from engines.perf_model import PerfModel, SeqWork
-from engines.registry import EngineSnapshot
 
 
 def _sim(n: int = 1) -> tuple[ClusterSim, RouteOnArrival]:
     turn = iter(range(10**9))
 
-    def round_robin(job: Job, snaps: list[EngineSnapshot]) -> str:
-        return str(snaps[next(turn) % len(snaps)].id)
+    def round_robin(job: Job, engines: list[SimulatedEngine]) -> str:
+        return engines[next(turn) % len(engines)].id
 
     front = RouteOnArrival(round_robin)
     sim = ClusterSim([EngineSpec(f"e{i}", "r", "m") for i in range(n)], front)

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from gateway.auth import digest
 from gateway.cli import main
-from gateway.config import ConfigError, load, parse
+from gateway.config.schema import ConfigError, load, parse
+from gateway.http.auth import digest
 from tests.conftest import ACME, MODEL, config_dict
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,7 +10,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
-from gateway.app import Gateway
+from gateway.http.app import Gateway
 from tests.conftest import ACME, MODEL, config_dict, free_port
 
 Served = tuple[TestServer, Gateway]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 
 from engines.cluster import ClusterSim, EngineSpec, Job
-from gateway.config import parse
-from gateway.routing import LeastOutstanding
+from gateway.config.schema import parse
+from gateway.routing.policies import LeastOutstanding
 from gateway.simulate import GateFrontend, request_info
 from loadtest.metrics import Record, fairness
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from engines.registry import EngineSnapshot
-from gateway.admission import Bucket, Interactions, Limit, decide, format_reset
-from gateway.dispatch import Decision, Dispatcher, EngineLimit
-from gateway.fairness import Fcfs, Prices, RpmLimit, Ticket, Vtc, Wsc, make_policy
+from gateway.core.admission import Bucket, Interactions, Limit, decide, format_reset
+from gateway.core.dispatch import Decision, Dispatcher, EngineLimit
+from gateway.core.fairness import Fcfs, Prices, RpmLimit, Ticket, Vtc, Wsc, make_policy
+from gateway.core.ledger import EngineSnapshot
 
 
 def ticket(rid: str, tenant: str, prompt: int = 100, out: int = 100, **kw: object) -> Ticket:
@@ -203,8 +203,8 @@ def test_wsc_continuations_cannot_ride_past_their_share() -> None:
 
 
 def test_expected_output_prefers_the_prediction_and_respects_max_tokens() -> None:
-    from gateway.admission import expected_output
-    from gateway.config import AppConfig
+    from gateway.config.schema import AppConfig
+    from gateway.core.admission import expected_output
 
     app = AppConfig("chat", expected_output_tokens=200)
     assert expected_output(app, None) == 200

@@ -10,7 +10,7 @@ import aiohttp
 import openai
 import pytest
 
-from gateway.auth import digest
+from gateway.http.auth import digest
 from tests.conftest import ACME, MODEL, GatewayFactory, config_dict, free_port, scrape
 
 GLOBEX = "sk-test-globex-chat"

@@ -16,10 +16,10 @@ import pytest
 from benchmarks.routing_sim import make_job
 from benchmarks.routing_workload import Row, requests
 from gateway.cli import main
-from gateway.featurelog import NAME, FeatureLog
-from gateway.features import CATEGORICAL, TARGET
-from gateway.predictor import PRIOR_MEDIAN, LengthModel, LengthPredictor
-from gateway.train_router import fit, read_logs, save, train_and_report
+from gateway.lengths.featurelog import NAME, FeatureLog
+from gateway.lengths.features import CATEGORICAL, TARGET
+from gateway.lengths.predictor import PRIOR_MEDIAN, LengthModel, LengthPredictor
+from gateway.lengths.train import fit, read_logs, save, train_and_report
 from tests.conftest import ACME, MODEL, GatewayFactory, config_dict
 
 

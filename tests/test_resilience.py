@@ -13,8 +13,8 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
-from engines.health import probe
-from gateway.app import Gateway
+from gateway.fleet.health import probe
+from gateway.http.app import Gateway
 from tests.conftest import ACME, MODEL, config_dict, free_port, scrape, start_sim
 
 Served = tuple[TestServer, Gateway]

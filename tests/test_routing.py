@@ -11,11 +11,11 @@ import pytest
 
 from benchmarks.routing_sim import GatewayFrontend, fleet, make_job, simulate, summarise
 from benchmarks.routing_workload import Row, requests
-from engines.registry import EngineSnapshot
-from gateway.latency_router import EngineProfile, PredictedLatency, build_policy, prefer_regions
-from gateway.predictor import LengthPredictor
-from gateway.request import Endpoint, RequestInfo
-from gateway.routing import POLICY_NAMES, PowerOfTwo, RoundRobin
+from gateway.core.ledger import EngineSnapshot
+from gateway.core.request import Endpoint, RequestInfo
+from gateway.lengths.predictor import LengthPredictor
+from gateway.routing.latency import EngineProfile, PredictedLatency, build_policy, prefer_regions
+from gateway.routing.policies import POLICY_NAMES, PowerOfTwo, RoundRobin
 from tests.conftest import ACME, MODEL, GatewayFactory
 
 

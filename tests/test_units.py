@@ -5,14 +5,14 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from engines.health import parse_vllm_metrics
-from engines.registry import EngineSnapshot
-from gateway.auth import KeyRing, digest
-from gateway.config import TenantConfig
-from gateway.errors import ApiError
-from gateway.request import Endpoint, RequestInfo
-from gateway.routing import LeastOutstanding
-from gateway.sse import Usage, filter_event
+from gateway.config.schema import TenantConfig
+from gateway.core.errors import ApiError
+from gateway.core.ledger import EngineSnapshot
+from gateway.core.request import Endpoint, RequestInfo
+from gateway.fleet.health import parse_vllm_metrics
+from gateway.http.auth import KeyRing, digest
+from gateway.routing.policies import LeastOutstanding
+from gateway.upstream.sse import Usage, filter_event
 
 
 def test_keyring_resolves_tenant_and_app() -> None:

@@ -1,7 +1,7 @@
 """The request path's predict step: features in, predicted output length out, outcome logged.
 
 `LengthService` is the thin stateful layer around the pure pieces: it extracts a request's
-features (`gateway.features`), asks the `LengthPredictor` for its median and upper output
+features (`gateway.lengths.features`), asks the `LengthPredictor` for its median and upper output
 length, stamps them on the `RequestInfo` the router and the fairness queue see, and when the
 request finishes feeds the real length back (the application's history) and appends the
 record to the feature log that `fairway train-router` learns from.
@@ -15,10 +15,10 @@ from typing import Any
 
 import structlog
 
-from gateway.featurelog import FeatureLog
-from gateway.features import TARGET, Record, extract
-from gateway.predictor import LengthPredictor
-from gateway.request import RequestInfo
+from gateway.core.request import RequestInfo
+from gateway.lengths.featurelog import FeatureLog
+from gateway.lengths.features import TARGET, Record, extract
+from gateway.lengths.predictor import LengthPredictor
 
 REGIONS_HEADER = "X-Fairway-Regions"
 log = structlog.get_logger("fairway.lengths")

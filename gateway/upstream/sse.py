@@ -16,8 +16,8 @@ from typing import Any
 import orjson
 
 from engines.protocol import sse_event
-from gateway.request import RequestInfo
-from gateway.upstream import Exchange
+from gateway.core.request import RequestInfo
+from gateway.upstream.client import Exchange
 
 # Above this many bytes queued for a slow client, stop reading from the engine until it drains.
 HIGH_WATER = 256 * 1024

@@ -6,10 +6,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from gateway.fairness import POLICY_NAMES
+from gateway.core.fairness import POLICY_NAMES
 
 if TYPE_CHECKING:
-    from gateway.config import _Table
+    from gateway.config.schema import _Table
 
 StateBackend = Literal["memory", "redis"]
 

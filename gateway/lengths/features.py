@@ -13,7 +13,7 @@ import re
 from typing import Any
 
 from engines.tokens import content_tokens
-from gateway.request import RequestInfo
+from gateway.core.request import RequestInfo
 
 Record = dict[str, Any]
 

@@ -1,6 +1,6 @@
 """Output-length prediction: a LightGBM model when one is trained, running means otherwise.
 
-`LengthModel` is a trained bundle: two boosters over the same features (`gateway.features`),
+`LengthModel` is a trained bundle: two boosters over the same features (`gateway.lengths.features`),
 one for the median and one for an upper quantile of output tokens, both fitted to log(1 + n)
 (quantiles survive a monotone transform, and the log tames a heavy tail), with the categorical
 vocabularies they were trained with. `fairway train-router` writes it as one JSON file.
@@ -23,7 +23,7 @@ from typing import Any
 
 import structlog
 
-from gateway.features import CATEGORICAL, NUMERIC, Record
+from gateway.lengths.features import CATEGORICAL, NUMERIC, Record
 
 try:
     import lightgbm

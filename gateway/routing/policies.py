@@ -2,7 +2,7 @@
 
 Pure and synchronous, behind one protocol, so the gateway and the cluster simulator run the
 same objects. This module holds the protocol, the baselines and the factory that builds the
-configured policy; the workload-aware policy lives in `gateway.latency_router`.
+configured policy; the workload-aware policy lives in `gateway.routing.latency`.
 
 Every policy sees only `EngineSnapshot`s: the gateway's own in-flight view of an engine (fresh)
 and the gauges it scraped from the engine's `/metrics` (as old as the last probe).
@@ -14,8 +14,8 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
-from engines.registry import EngineSnapshot
-from gateway.request import RequestInfo
+from gateway.core.ledger import EngineSnapshot
+from gateway.core.request import RequestInfo
 
 
 class RoutingPolicy(Protocol):

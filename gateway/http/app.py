@@ -16,27 +16,29 @@ import structlog
 from aiohttp import web
 from prometheus_client import generate_latest
 
-from engines.health import health_loop
 from engines.perf_model import GPUS, MODELS
-from engines.protocol import error_response, json_response
-from engines.registry import EngineRegistry, EngineState
+from engines.protocol import json_response
 from engines.sim.engine import SimEngineConfig
 from engines.sim.server import build_app as build_sim_app
-from gateway.admin import tenants_view
-from gateway.auth import KeyRing
-from gateway.config import Config, EngineConfig
-from gateway.errors import ApiError
-from gateway.featurelog import FeatureLog
-from gateway.features import Record
-from gateway.gate import Gate
-from gateway.latency_router import EngineProfile, build_policy
-from gateway.lengths import REGIONS_HEADER, LengthService
-from gateway.metrics import GatewayMetrics
-from gateway.predictor import LengthPredictor
-from gateway.proxy import Outcome, Proxy
-from gateway.request import INTERACTION_HEADER, Endpoint, RequestInfo, measure, parse_body
-from gateway.state import BucketStore, MemoryStore, RedisStore
-from gateway.upstream import UpstreamPool
+from gateway.config.schema import Config, EngineConfig
+from gateway.core.errors import ApiError
+from gateway.core.request import Endpoint, RequestInfo
+from gateway.fleet.health import health_loop
+from gateway.fleet.registry import EngineRegistry, EngineState
+from gateway.http.admin import tenants_view
+from gateway.http.auth import KeyRing
+from gateway.http.errors import openai_errors
+from gateway.http.gate import Gate
+from gateway.http.request import INTERACTION_HEADER, measure, parse_body
+from gateway.lengths.featurelog import FeatureLog
+from gateway.lengths.features import Record
+from gateway.lengths.predictor import LengthPredictor
+from gateway.lengths.service import REGIONS_HEADER, LengthService
+from gateway.obs.metrics import GatewayMetrics
+from gateway.routing.latency import EngineProfile, build_policy
+from gateway.state.buckets import BucketStore, MemoryStore, RedisStore
+from gateway.upstream.client import UpstreamPool
+from gateway.upstream.proxy import Outcome, Proxy
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -65,31 +67,6 @@ class Gateway:
 
 GATEWAY = web.AppKey("gateway", Gateway)
 log = structlog.get_logger("fairway")
-
-
-@web.middleware
-async def openai_errors(
-    request: web.Request, handler: aiohttp.typedefs.Handler
-) -> web.StreamResponse:
-    """Every error leaves as `{"error": {...}}`, whatever layer raised it."""
-    try:
-        return await handler(request)
-    except ApiError as exc:
-        return exc.response()
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        message = exc.text if exc.text and not exc.text.startswith(str(exc.status)) else exc.reason
-        if exc.status == 404:
-            message = f"Unknown endpoint {request.method} {request.path}"
-        elif exc.status == 405:
-            message = f"Method {request.method} is not allowed on {request.path}"
-        return error_response(exc.status, message, headers=headers)
-    except Exception:
-        # A bug, not the client's fault: log it whole, tell the client nothing internal.
-        log.exception("unhandled_error", path=request.path)
-        return error_response(500, "Internal error in the gateway.", code="internal_error")
 
 
 async def _proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:

@@ -1,10 +1,8 @@
-"""Errors as the OpenAI API shapes them, raised anywhere on the request path."""
+"""Errors as the OpenAI API shapes them, raised anywhere on the request path.
+
+Plain exceptions: `gateway.http.errors` renders them as responses."""
 
 from __future__ import annotations
-
-from aiohttp import web
-
-from engines.protocol import error_response
 
 
 class ApiError(Exception):
@@ -25,11 +23,6 @@ class ApiError(Exception):
         self.param = param
         self.code = code
         self.headers = headers
-
-    def response(self) -> web.Response:
-        return error_response(
-            self.status, self.message, param=self.param, code=self.code, headers=self.headers
-        )
 
 
 def bad_request(message: str, param: str | None = None) -> ApiError:

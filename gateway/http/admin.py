@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.admission import bucket_keys
-from gateway.gate import Gate
+from gateway.core.admission import bucket_keys
+from gateway.http.gate import Gate
 
 
 async def tenants_view(gate: Gate) -> dict[str, Any]:

@@ -7,8 +7,8 @@ import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from gateway.config import TenantConfig
-from gateway.errors import ApiError
+from gateway.config.schema import TenantConfig
+from gateway.core.errors import ApiError
 
 
 @dataclass(frozen=True, slots=True)

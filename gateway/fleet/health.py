@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import aiohttp
 
-from engines.registry import EngineRegistry, EngineState
+from gateway.fleet.registry import EngineRegistry, EngineState
 
 GAUGES = {
     "vllm:num_requests_running": "running",

@@ -7,46 +7,17 @@ else is the engine's to judge, and its 4xx answer is relayed as it is.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 import orjson
 
 from engines.tokens import chat_prompt_tokens, completion_prompt_tokens
-from gateway.auth import Principal
-from gateway.errors import bad_request
+from gateway.core.errors import bad_request
+from gateway.core.request import Endpoint, RequestInfo
+from gateway.http.auth import Principal
 
 INTERACTION_HEADER = "X-Fairway-Interaction"
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
-
-
-class Endpoint(StrEnum):
-    CHAT = "chat"
-    COMPLETIONS = "completions"
-
-    @property
-    def path(self) -> str:
-        return "/v1/chat/completions" if self is Endpoint.CHAT else "/v1/completions"
-
-
-@dataclass(frozen=True, slots=True)
-class RequestInfo:
-    id: str
-    tenant: str
-    app: str
-    interaction_id: str | None
-    model: str
-    endpoint: Endpoint
-    prompt_tokens: int  # estimated; engines report the real count
-    max_tokens: int | None
-    stream: bool
-    include_usage: bool  # the client asked for a usage chunk at the end of its stream
-    arrival: float  # time.perf_counter() when the request arrived
-    preferred_regions: tuple[str, ...] = ()
-    # The length predictor's median and upper quantile of output tokens (None: not predicted).
-    predicted_output_tokens: int | None = None
-    predicted_output_upper: int | None = None
 
 
 _NUMBER = (int, float)

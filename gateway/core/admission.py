@@ -8,7 +8,8 @@ never to a request that continues an interaction already in progress: an agent's
 not cut off after the first four have been paid for. A request that opens an interaction must
 find room in the buckets for the whole interaction (its application's calls per interaction).
 
-Buckets and interactions are pure here; `gateway.state` keeps them in one process or in Redis.
+Buckets and interactions are pure here; `gateway.state.buckets` keeps them in one process or
+in Redis.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from gateway.config import AppConfig, Config, TenantConfig
-from gateway.fairness import Prices, Ticket
-from gateway.request import RequestInfo
+from gateway.config.schema import AppConfig, Config, TenantConfig
+from gateway.core.fairness import Prices, Ticket
+from gateway.core.request import RequestInfo
 
 if TYPE_CHECKING:
-    from gateway.dispatch import Dispatcher
+    from gateway.core.dispatch import Dispatcher
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from engines.perf_model import GPUS, MODELS, PerfModel
-from gateway.config_fairness import (
+from gateway.config.fairness import (
     AdminConfig,
     FairnessConfig,
     StateConfig,

@@ -26,9 +26,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from engines.perf_model import PerfModel
-from engines.registry import EngineSnapshot
-from gateway.request import RequestInfo
-from gateway.routing import BASELINES, POLICY_NAMES, RoutingPolicy
+from gateway.core.ledger import EngineSnapshot
+from gateway.core.request import RequestInfo
+from gateway.routing.policies import BASELINES, POLICY_NAMES, RoutingPolicy
 
 # A request the predictor knows nothing about: the median output of the Azure conversation
 # trace (docs/ENGINE.md).

@@ -21,15 +21,21 @@ from aiohttp import web
 from aiohttp.http import StreamWriter
 
 from engines.protocol import SSE_DONE, error_body, sse_event, sse_headers
-from engines.registry import EngineRegistry, EngineState
-from gateway.config import ServerConfig
-from gateway.errors import ApiError
-from gateway.latency_router import add_prompt
-from gateway.metrics import GatewayMetrics
-from gateway.request import RequestInfo
-from gateway.routing import RoutingPolicy
-from gateway.sse import SseRelay, Usage
-from gateway.upstream import ConnectFailed, Exchange, ReadTimeout, UpstreamError, UpstreamPool
+from gateway.config.schema import ServerConfig
+from gateway.core.errors import ApiError
+from gateway.core.request import RequestInfo
+from gateway.fleet.registry import EngineRegistry, EngineState
+from gateway.obs.metrics import GatewayMetrics
+from gateway.routing.latency import add_prompt
+from gateway.routing.policies import RoutingPolicy
+from gateway.upstream.client import (
+    ConnectFailed,
+    Exchange,
+    ReadTimeout,
+    UpstreamError,
+    UpstreamPool,
+)
+from gateway.upstream.sse import SseRelay, Usage
 
 CLIENT_CLOSED = 499  # nginx's status for a client that closed the connection first
 

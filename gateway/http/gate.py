@@ -1,9 +1,9 @@
 """The gate in front of the proxy: throttle (OIT), then wait for a slot in the fairness queue.
 
-The thin asyncio layer around `gateway.admission` and `gateway.dispatch`: a waiting request is
-a future that the dispatcher resolves with an engine id when the policy picks it. A client that
-goes away while waiting leaves the queue at once (aiohttp cancels its handler); nothing waits
-longer than `fairness.queue_timeout_s`.
+The thin asyncio layer around `gateway.core.admission` and `gateway.core.dispatch`: a waiting
+request is a future that the dispatcher resolves with an engine id when the policy picks it. A
+client that goes away while waiting leaves the queue at once (aiohttp cancels its handler);
+nothing waits longer than `fairness.queue_timeout_s`.
 """
 
 from __future__ import annotations
@@ -13,16 +13,17 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from engines.registry import EngineRegistry, EngineSnapshot
-from gateway.admission import Admission, Keyed, Verdict, ratelimit_headers
-from gateway.config import Config
-from gateway.dispatch import Decision, build_dispatcher
-from gateway.errors import ApiError
-from gateway.fairness import Ticket
-from gateway.metrics import GatewayMetrics
-from gateway.request import RequestInfo
-from gateway.routing import RoutingPolicy
-from gateway.state import BucketStore
+from gateway.config.schema import Config
+from gateway.core.admission import Admission, Keyed, Verdict, ratelimit_headers
+from gateway.core.dispatch import Decision, build_dispatcher
+from gateway.core.errors import ApiError
+from gateway.core.fairness import Ticket
+from gateway.core.ledger import EngineSnapshot
+from gateway.core.request import RequestInfo
+from gateway.fleet.registry import EngineRegistry
+from gateway.obs.metrics import GatewayMetrics
+from gateway.routing.policies import RoutingPolicy
+from gateway.state.buckets import BucketStore
 
 
 @dataclass(slots=True, eq=False)

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import structlog
 
-from gateway.admission import Bucket, Keyed, Limit, Verdict, decide
+from gateway.core.admission import Bucket, Keyed, Limit, Verdict, decide
 
 
 class BucketStore(Protocol):

@@ -18,9 +18,9 @@ from typing import Any
 
 import orjson
 
-from gateway.featurelog import log_files
-from gateway.features import CATEGORICAL, NUMERIC, TARGET, Record
-from gateway.predictor import LengthModel, app_key
+from gateway.lengths.featurelog import log_files
+from gateway.lengths.features import CATEGORICAL, NUMERIC, TARGET, Record
+from gateway.lengths.predictor import LengthModel, app_key
 
 BUCKETS = (32, 64, 128, 256, 512, 1024)  # upper edges of length buckets; the last is open
 

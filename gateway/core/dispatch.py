@@ -16,9 +16,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
-from engines.registry import EngineSnapshot
-from gateway.config import Config
-from gateway.fairness import FairnessPolicy, Prices, Ticket, make_policy
+from gateway.config.schema import Config
+from gateway.core.fairness import FairnessPolicy, Prices, Ticket, make_policy
+from gateway.core.ledger import EngineSnapshot
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,2 @@
+"""The gateway's view of its engines: the registry, health checks, in-process simulated
+engines."""

@@ -1,0 +1,1 @@
+"""The HTTP surface: handlers, errors, authentication, request parsing, the admin API."""

@@ -1,0 +1,1 @@
+"""Routing policies: baselines and predicted latency. Pure; no aiohttp."""

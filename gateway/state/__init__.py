@@ -1,0 +1,1 @@
+"""State shared by gateway replicas: token buckets in memory or in Redis."""
