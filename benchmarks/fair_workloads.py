@@ -4,13 +4,11 @@ the measured capacity of the simulated fleet so that "overload" means the same o
 
 from __future__ import annotations
 
-import csv
 import random
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
-TRACE = Path(__file__).resolve().parents[2] / "shared/data/azure-llm-2023/conv.csv"
+from _common import TRACE, read_trace
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,16 +47,22 @@ def _fixed(tenant: str, times: list[float], prompt: int = 256, output: int = 256
     return [Arrival(t, tenant, "chat", prompt, output) for t in times]
 
 
+def _one_engine(
+    name: str, title: str, arrivals: list[Arrival], weights: dict[str, float], duration: float
+) -> Workload:
+    """A synthetic workload sized for one engine, its arrivals in time order."""
+    return Workload(name, title, sorted(arrivals, key=lambda x: x.t), weights, duration, 1)
+
+
 def two_clients(capacity: float, duration: float, seed: int = 1) -> Workload:
     """VTC's first synthetic workload: two clients both above their half, one sending twice
     as fast (VTC: 1.5 and 3 req/s); 256 prompt and 256 output tokens each."""
     rng = random.Random(seed)
     a = _fixed("A", poisson(rng, 0.6 * capacity, 0, duration))
     b = _fixed("B", poisson(rng, 1.2 * capacity, 0, duration))
-    return Workload(
-        "two-clients", "Two clients overloading, 1:2 (VTC)", sorted(a + b, key=lambda x: x.t),
-        {"A": 1.0, "B": 1.0}, duration, 1,
-    )  # fmt: skip
+    return _one_engine(
+        "two-clients", "Two clients overloading, 1:2 (VTC)", a + b, {"A": 1.0, "B": 1.0}, duration
+    )
 
 
 def on_off(capacity: float, duration: float, seed: int = 2) -> Workload:
@@ -68,10 +72,9 @@ def on_off(capacity: float, duration: float, seed: int = 2) -> Workload:
     b: list[Arrival] = []
     for start in range(0, int(duration), 120):
         b += _fixed("B", poisson(rng, 1.2 * capacity, start, min(duration, start + 60)))
-    return Workload(
-        "on-off", "Steady client and an on/off client (VTC)", sorted(a + b, key=lambda x: x.t),
-        {"A": 1.0, "B": 1.0}, duration, 1,
-    )  # fmt: skip
+    return _one_engine(
+        "on-off", "Steady client and an on/off client (VTC)", a + b, {"A": 1.0, "B": 1.0}, duration
+    )
 
 
 def weighted(capacity: float, duration: float, seed: int = 3) -> Workload:
@@ -79,20 +82,12 @@ def weighted(capacity: float, duration: float, seed: int = 3) -> Workload:
     rng = random.Random(seed)
     weights = {"w1": 1.0, "w2": 2.0, "w4": 4.0}
     arrivals = [a for t in weights for a in _fixed(t, poisson(rng, capacity, 0, duration))]
-    return Workload(
-        "weighted", "Weighted shares 1:2:4", sorted(arrivals, key=lambda x: x.t),
-        weights, duration, 1,
-    )  # fmt: skip
+    return _one_engine("weighted", "Weighted shares 1:2:4", arrivals, weights, duration)
 
 
 def load_trace(path: Path = TRACE) -> list[tuple[float, int, int]]:
     """(seconds since the first request, prompt tokens, output tokens) per row."""
-    rows = []
-    with open(path, newline="") as f:
-        for r in csv.DictReader(f):
-            ts = datetime.fromisoformat(r["TIMESTAMP"][:26])
-            rows.append((ts.timestamp(), int(r["ContextTokens"]), int(r["GeneratedTokens"])))
-    rows.sort()
+    rows = sorted((ts.timestamp(), prompt, output) for ts, prompt, output in read_trace(path))
     t0 = rows[0][0]
     return [(t - t0, p, o) for t, p, o in rows]
 

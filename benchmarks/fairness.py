@@ -21,6 +21,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
+from _common import machine  # noqa: E402
 from fair_workloads import (  # noqa: E402
     TRACE_TENANTS,
     Workload,
@@ -31,12 +32,11 @@ from fair_workloads import (  # noqa: E402
     weighted,
 )
 from fairness_report import Run, fairness_table, throughput, write_report  # noqa: E402
-from gateway_overhead import machine  # noqa: E402
 
 from engines.cluster import ClusterSim, EngineSpec, Job  # noqa: E402
 from gateway.config.schema import Config, parse  # noqa: E402
 from gateway.routing.policies import LeastOutstanding  # noqa: E402
-from gateway.simulate import GateFrontend, request_info  # noqa: E402
+from gateway.simulate import GateFrontend, SimRequest, request_info  # noqa: E402
 from loadtest.metrics import Record, fairness  # noqa: E402
 
 MODEL = "llama-3.1-8b"
@@ -86,16 +86,16 @@ def simulate(
     front.sim = sim
     jobs = [
         Job(f"r{i}", a.t, MODEL, a.prompt_tokens, a.output_tokens,
-            request_info(f"r{i}", a.tenant, a.app, MODEL, a.prompt_tokens, a.t, None,
-                         a.interaction))
+            SimRequest(request_info(f"r{i}", a.tenant, a.app, MODEL, a.prompt_tokens, a.t, None,
+                                    a.interaction)))
         for i, a in enumerate(w.arrivals)
     ]  # fmt: skip
     t0 = time.perf_counter()
     sim.run(jobs, until=w.duration_s * 3)
     wall = time.perf_counter() - t0
     records = [
-        Record(j.info.tenant, j.arrival, j.first_token, j.finished, j.prompt_tokens, j.generated,
-               w.weights[j.info.tenant], j.rejected or "ok")
+        Record(j.info.info.tenant, j.arrival, j.first_token, j.finished, j.prompt_tokens,
+               j.generated, w.weights[j.info.info.tenant], j.rejected or "ok")
         for j in jobs
     ]  # fmt: skip
     # Fairness is judged while every tenant is still sending: [0, duration).

@@ -14,20 +14,25 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import tomllib
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from gateway_overhead import machine  # noqa: E402
+from _common import (  # noqa: E402
+    engine_table,
+    free_port,
+    machine,
+    splice_section,
+    toml_table,
+    wait_ready,
+)
 
 from loadtest.report import load, tables  # noqa: E402
 
@@ -54,64 +59,34 @@ RUNS = (
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return '"' + v + '"'
-    if isinstance(v, list):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
-    return repr(v)
-
-
 def write_config(path: Path, port: int, policy: str, buckets: bool) -> None:
+    """The gateway on `port` with the shipped tenants and keys and two simulated A100 engines,
+    fairness `policy`, token buckets when `buckets`."""
     shipped = tomllib.loads((ROOT / "config.toml").read_text())
-    lines = [
-        f'[server]\nport = {port}\nhost = "127.0.0.1"\n',
-        '[logging]\nlevel = "warning"\n',
-        "[sim]\ntime_scale = 1.0\nseed = 7\n",
-        f'[fairness]\npolicy = "{policy}"\noverload_at = 0.6\nqueue_timeout_s = 120.0\n',
+    sections = [
+        toml_table("server", {"port": port, "host": "127.0.0.1"}),
+        toml_table("logging", {"level": "warning"}),
+        toml_table("sim", {"time_scale": 1.0, "seed": 7}),
+        toml_table("fairness", {"policy": policy, "overload_at": 0.6, "queue_timeout_s": 120.0}),
     ]
     for name, t in shipped["tenants"].items():
-        lines.append(f"[tenants.{name}]")
-        lines.append(f"weight = {t['weight']}")
+        fields: dict[str, Any] = {"weight": t["weight"]}
         if buckets:  # about a weighted share of what the two engines serve, in tokens a minute
-            lines.append(f"tokens_per_minute = {SHARE * t['weight']:.0f}\nburst_tokens = 30000")
+            fields["tokens_per_minute"] = round(SHARE * t["weight"])
+            fields["burst_tokens"] = 30000
         for app, a in t["apps"].items():
             # Declared shapes as the load test sends them: trace prompts (doubled for batch),
             # outputs capped at 64 tokens.
-            shape = {
+            fields[f"apps.{app}"] = {
                 "expected_prompt_tokens": 2310 if app == "batch" else 1155,
                 "expected_output_tokens": 45,
                 "calls_per_interaction": a.get("calls_per_interaction", 1),
             }
-            lines.append(f"apps.{app} = {toml_value(shape)}")
-        lines.append(f"keys = {toml_value(t['keys'])}\n")
-    for _ in range(2):
-        lines.append('[[engines.us-east."llama-3.1-8b"]]\nkind = "sim"\ngpu = "A100"')
-        lines.append("max_running = 4\n")
-    path.write_text("\n".join(lines))
-
-
-def wait_healthy(url: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url + "/healthz", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"gateway at {url} did not become healthy")
+        fields["keys"] = t["keys"]
+        sections.append(toml_table(f"tenants.{name}", fields))
+    engine = engine_table("us-east", "llama-3.1-8b", kind="sim", gpu="A100", max_running=4)
+    sections += [engine, engine]
+    path.write_text("\n\n".join(sections) + "\n")
 
 
 def run(label: str, policy: str, buckets: bool, users: tuple[str, ...], seconds: int,
@@ -124,7 +99,7 @@ def run(label: str, policy: str, buckets: bool, users: tuple[str, ...], seconds:
     gw = subprocess.Popen([str(BIN / "fairway"), "serve", "--config", str(cfg)],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
-        wait_healthy(url)
+        wait_ready(f"{url}/healthz", gw, within=30.0)
         env = {**os.environ, "FAIRWAY_RECORDS": str(records), "FAIRWAY_MAX_OUTPUT": "64",
                "FAIRWAY_CYCLE_S": "3", "FAIRWAY_USERS": ",".join(users)}  # fmt: skip
         count = sum(int(u.split("=")[1]) for u in users)
@@ -177,11 +152,7 @@ def main() -> None:
         + "<!-- /live -->"
     )
     text = args.out.read_text() if args.out.exists() else ""
-    if "<!-- live -->" in text:
-        text = re.sub(r"<!-- live -->.*<!-- /live -->", lambda _: section, text, flags=re.S)
-    else:
-        text += "\n" + section + "\n"
-    args.out.write_text(text)
+    args.out.write_text(splice_section(text, "live", section))
 
 
 if __name__ == "__main__":

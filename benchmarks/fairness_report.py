@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from _common import extract_section, pyplot, save_figure, splice_section
+
 from loadtest.metrics import Fairness, Record, per_tenant, percentile, service_rates
 
 
@@ -126,11 +128,7 @@ def targets(runs: list[Run], seeds: list[Run]) -> tuple[list[str], dict[str, Any
 
 
 def plot_service(runs: list[Run], path: Path, title: str, window_s: float = 10.0) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.2), sharey=True)
     for ax, run in zip(axes, runs, strict=True):
         served, _ = service_rates(run.records, 0.0, run.duration_s, window_s)
@@ -143,17 +141,11 @@ def plot_service(runs: list[Run], path: Path, title: str, window_s: float = 10.0
     axes[0].set_ylabel("weighted service / s")
     axes[-1].legend(fontsize=7)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_ttft(runs: list[Run], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     tenants = sorted({r.tenant for r in runs[0].records})
     fig, ax = plt.subplots(figsize=(10, 3.8))
     width = 0.8 / len(runs)
@@ -167,9 +159,7 @@ def plot_ttft(runs: list[Run], path: Path) -> None:
     ax.set_ylabel("p99 TTFT (s, log)")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_report(
@@ -214,10 +204,8 @@ def write_report(
         tenants="\n".join(tenant_table([r for r in runs if r.workload.startswith("azure")])),
     )
     # Keep the live run's section (benchmarks/fairness_live.py writes it).
-    old = out.read_text() if out.exists() else ""
-    if "<!-- live -->" in old:
-        text += "\n" + old[old.index("<!-- live -->") : old.index("<!-- /live -->") + 14] + "\n"
-    out.write_text(text)
+    live = extract_section(out.read_text() if out.exists() else "", "live")
+    out.write_text(text if live is None else splice_section(text, "live", live))
     summary["meta"] = meta
     (figs / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary

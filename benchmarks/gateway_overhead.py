@@ -23,19 +23,16 @@ import contextlib
 import datetime as dt
 import json
 import os
-import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from _common import engine_table, free_port, machine, toml_table, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -61,28 +58,6 @@ METRICS = ("rps", "ttft_p50_ms", "ttft_p99_ms", "e2e_p50_ms", "e2e_p99_ms", "cpu
            "events_per_request")  # fmt: skip
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes], within: float = 120.0) -> None:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status < 500:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} not ready after {within:.0f}s")
-
-
 @contextlib.contextmanager
 def process(
     args: list[str], ready: str, log: Path, env: dict[str, str] | None = None
@@ -102,16 +77,14 @@ def process(
 
 
 def fairway_config(engines: list[str], path: Path) -> None:
-    lines = [
-        "[logging]",
-        'level = "warning"',
-        "[tenants.acme]",
-        "apps.chat = {}",
-        f'keys = [{{ sha256 = "{KEY_DIGEST}", app = "chat" }}]',
+    """Fairway with one tenant, acme, holding the benchmark's key, and `engines` behind it."""
+    acme = {"apps.chat": {}, "keys": [{"sha256": KEY_DIGEST, "app": "chat"}]}
+    tables = [
+        toml_table("logging", {"level": "warning"}),
+        toml_table("tenants.acme", acme),
+        *(engine_table("local", MODEL, kind="vllm", url=url) for url in engines),
     ]
-    for url in engines:
-        lines += [f'[[engines.local."{MODEL}"]]', 'kind = "vllm"', f'url = "{url}"']
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(tables) + "\n")
 
 
 def litellm_config(engines: list[str], path: Path) -> None:
@@ -224,23 +197,6 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     row["error_kinds"] = kinds
     row["rounds"] = len(runs)
     return row
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem = ""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        kb = int(Path("/proc/meminfo").read_text().split()[1])
-        mem = f", {kb / 2**20:.0f} GiB"
-    return (
-        f"{cpu}, {os.cpu_count()} cores{mem}; {platform.system()} {platform.release()}; "
-        f"Python {platform.python_version()}"
-    )
 
 
 def fmt(v: float) -> str:

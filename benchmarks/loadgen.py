@@ -21,13 +21,7 @@ from typing import Any
 import aiohttp
 import orjson
 import uvloop
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return s[min(len(s) - 1, round(q / 100 * (len(s) - 1)))]
+from _common import percentile
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:

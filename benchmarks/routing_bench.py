@@ -3,13 +3,18 @@
 1. The first 60% of the trace (synthetic tenants and bodies, benchmarks/routing_workload.py)
    becomes a feature log, as the gateway writes it; `fairway train-router`'s code trains the
    length model on it (its last 20% held out) and reports MAE against the two baselines.
-2. The fleet's capacity is measured by flooding it (every request at t=0) and counting
-   completions per second between the 10th and 90th percentile of finish times.
-3. The last 40% of the trace is replayed, time-scaled to 50%, 70% and 90% of that capacity, on 4
-   and 16 H100 engines serving Llama 3.1 8B, through each policy (on 16 engines, four copies of
-   the slice are superposed, each shifted and with its own application draw, so both fleets see
-   the same time compression). Each run uses the gateway's own policy and predictor objects.
-4. The cost of one routing decision over 16 engines and of one length prediction is timed.
+2. The fleet's capacity is measured by flooding it (every request at t=0, waiting in the
+   gateway's queue) and counting completions per second between the 10th and 90th percentile
+   of finish times.
+3. 4,000 rows of the last 40% of the trace are replayed, time-scaled to 50%, 70% and 90% of that
+   capacity, on 4 and 16 H100 engines serving Llama 3.1 8B, through each policy (on 16 engines,
+   four copies of the slice are superposed, each shifted and with its own application draw, so
+   both fleets see the same time compression). Each run goes through the gateway's gate core
+   (benchmarks/routing_sim.py: admission, the fairness queue, the configured router, the
+   length service; gauges scraped every `health_interval_s`) on the gateway's default config.
+4. At 4 engines and 70%, predicted-latency and round robin run again with the gate core's
+   in-flight limits lifted and the gauges read at every decision, one at a time.
+5. The cost of one routing decision over 16 engines and of one length prediction is timed.
 
 Prints the tables and writes docs/ROUTING.md (with docs/routing_latency.png) and
 docs/routing_sim.json. The live run through the gateway (benchmarks/routing_live.py) adds its
@@ -38,21 +43,25 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.routing_report import write_report  # noqa: E402
 from benchmarks.routing_sim import (  # noqa: E402
-    GatewayFrontend,
+    config,
     fleet,
+    frontend,
     make_job,
     simulate,
+    specs_of,
     summarise,
 )
 from benchmarks.routing_workload import Row, load_trace, requests  # noqa: E402
 from engines.cluster import Job  # noqa: E402
 from gateway.core.ledger import EngineSnapshot  # noqa: E402
 from gateway.lengths.featurelog import FeatureLog  # noqa: E402
+from gateway.lengths.features import Record, extract  # noqa: E402
 from gateway.lengths.predictor import LengthPredictor  # noqa: E402
+from gateway.lengths.service import LengthService  # noqa: E402
 from gateway.lengths.train import train_and_report  # noqa: E402
 from gateway.obs.logs import configure  # noqa: E402
 from gateway.routing.latency import EngineProfile, build_policy  # noqa: E402
-from gateway.routing.policies import POLICY_NAMES  # noqa: E402
+from gateway.routing.policies import POLICY_NAMES, RoutingPolicy  # noqa: E402
 
 TRAIN_SHARE = 0.6
 EVAL_ROWS = 4000  # of the held-out 40%: enough for stable means, short enough for 2 cores
@@ -62,16 +71,19 @@ FLEETS = (4, 16)
 
 
 def write_log(rows: list[Row], directory: Path) -> None:
-    """The feature log the gateway would have written for `rows`."""
-    pred = LengthPredictor()
-    log = FeatureLog(directory)
+    """The feature log the gateway would have written for `rows`: its length service, without
+    a model, annotating each request and logging it with the length it got."""
+    service = LengthService(LengthPredictor(), FeatureLog(directory))
     for i, r in enumerate(requests(rows)):
-        _, rec = make_job(str(i), r.t, r.tenant, r.app, r.body, r.output_tokens).info
-        pred.with_history(rec)
-        rec["output_tokens"] = r.output_tokens
-        log.write(rec)
-        pred.observe(rec, r.output_tokens)
-    log.close()
+        req = make_job(str(i), r.t, r.tenant, r.app, r.body, r.output_tokens).info
+        info, rec = service.annotate(req.info, req.body)
+        service.finish(info, rec, r.output_tokens)
+    service.close()
+
+
+def record(job: Job) -> Record:
+    """The length predictor's features of a job's request (without the application's history)."""
+    return extract(job.info.info, job.info.body)
 
 
 def eval_jobs(rows: list[Row], start: int, copies: int) -> list[Job]:
@@ -91,34 +103,78 @@ def eval_jobs(rows: list[Row], start: int, copies: int) -> list[Job]:
 def capacity(n: int, jobs: list[Job]) -> float:
     """Requests per second the fleet completes when flooded."""
     flood = [Job(j.id, 0.0, j.model, j.prompt_tokens, j.output_tokens, j.info) for j in jobs]
-    front = GatewayFrontend(build_policy("least-outstanding"), LengthPredictor())
-    done = sorted(j.finished or 0.0 for j in simulate(fleet(n), front, flood))
+    # The whole flood waits in the gateway's queue: no per-tenant bound on it here.
+    cfg = config(fleet(n), "least-outstanding", fairness={"max_queue_per_tenant": len(jobs)})
+    done = sorted(j.finished or 0.0 for j in simulate(specs_of(cfg), frontend(cfg), flood))
     k = len(done)
     return 0.8 * k / (done[int(0.9 * k)] - done[int(0.1 * k)])
 
 
-def run_all(jobs: list[Job], n: int, cap: float, model: Path, quick: bool) -> list[dict[str, Any]]:
-    rate = len(jobs) / (jobs[-1].arrival - jobs[0].arrival)
+def scaled(jobs: list[Job], cap: float, load: float) -> list[Job]:
+    """`jobs` with their arrival times stretched so that they come at `load` of `cap`."""
+    k = len(jobs) / (jobs[-1].arrival - jobs[0].arrival) / (load * cap)
+    return [Job(j.id, j.arrival * k, j.model, j.prompt_tokens, j.output_tokens, j.info)
+            for j in jobs]  # fmt: skip
+
+
+def run_one(jobs: list[Job], n: int, policy: str, model: Path,
+            engine: dict[str, Any] | None = None,
+            scrape_interval: float | None = None) -> dict[str, Any]:  # fmt: skip
+    """One policy on `n` engines through the gate core; `engine` adds engine settings to the
+    config, `scrape_interval` replaces the gateway's health interval."""
+    t = time.perf_counter()
+    cfg = config(fleet(n), policy, model, engine=engine)
+    done = simulate(specs_of(cfg), frontend(cfg, scrape_interval=scrape_interval), jobs)
+    err = [abs((j.info.info.predicted_output_tokens or 0) - j.generated) for j in done]
+    return {
+        "engines": n, "policy": policy, **asdict(summarise(done)),
+        "pred_mae": sum(err) / len(err),
+        # Waited in the gateway's queue (every engine at its in-flight limits), refused.
+        "queued": sum(j.started is not None and j.started > j.arrival for j in done),
+        "rejected": sum(j.rejected is not None for j in done),
+        "wall_s": time.perf_counter() - t,
+    }  # fmt: skip
+
+
+def _print(label: str, row: dict[str, Any]) -> None:
+    print(
+        f"{label} {row['policy']:<18} mean {row['mean_e2e']:6.2f} s  p99 {row['p99_e2e']:6.2f} s"
+        f"  ttft {row['mean_ttft'] * 1000:6.0f} ms  tpot {row['mean_tpot'] * 1000:5.1f} ms"
+        f"  queued {row['queued']}  ({row['wall_s']:.1f} s)",
+        flush=True,
+    )
+
+
+def run_all(jobs: list[Job], n: int, cap: float, model: Path) -> list[dict[str, Any]]:
     out = []
     for load in LOADS:
-        k = rate / (load * cap)
-        scaled = [Job(j.id, j.arrival * k, j.model, j.prompt_tokens, j.output_tokens, j.info)
-                  for j in jobs]  # fmt: skip
+        at = scaled(jobs, cap, load)
         for name in POLICY_NAMES:
-            t = time.perf_counter()
-            front = GatewayFrontend(build_policy(name), LengthPredictor(model))
-            done = simulate(fleet(n), front, scaled)
-            s = summarise(done)
-            err = [abs((j.info[0].predicted_output_tokens or 0) - j.generated) for j in done]
-            row = {"engines": n, "load": load, "policy": name, **asdict(s),
-                   "pred_mae": sum(err) / len(err), "wall_s": time.perf_counter() - t}  # fmt: skip
+            row = {"load": load, **run_one(at, n, name, model)}
             out.append(row)
-            print(
-                f"{n:>3} engines {load:.0%} {name:<18} mean {s.mean_e2e:6.2f} s  "
-                f"p99 {s.p99_e2e:6.2f} s  ttft {s.mean_ttft * 1000:6.0f} ms  "
-                f"tpot {s.mean_tpot * 1000:5.1f} ms  ({row['wall_s']:.1f} s)",
-                flush=True,
-            )
+            _print(f"{n:>3} engines {load:.0%}", row)
+    return out
+
+
+# The gate core's own parts undone one at a time, at the setting the live replay runs.
+FRONTEND_SETTING = (4, 0.7)
+FRONTEND_VARIANTS: tuple[tuple[str, dict[str, Any] | None, float | None], ...] = (
+    # Every request goes straight to an engine, which queues it; gauges read at each decision.
+    ("no in-flight limits, gauges fresh", {"max_running": 10**6, "max_kv_tokens": 0}, 0.0),
+    ("in-flight limits, gauges fresh", None, 0.0),
+    ("in-flight limits, gauges every 2 s", None, None),  # the gateway's defaults
+)
+
+
+def frontend_effect(jobs: list[Job], cap: float, model: Path) -> list[dict[str, Any]]:
+    n, load = FRONTEND_SETTING
+    at = scaled(jobs, cap, load)
+    out = []
+    for label, engine, scrape in FRONTEND_VARIANTS:
+        for name in ("predicted-latency", "round-robin"):
+            row = {"variant": label, "load": load, **run_one(at, n, name, model, engine, scrape)}
+            out.append(row)
+            _print(f"{label:<36}", row)
     return out
 
 
@@ -126,26 +182,35 @@ def decision_cost(n: int = 16) -> dict[str, float]:
     """Microseconds per choose() over `n` engines with mixed load, per policy."""
     rng = random.Random(1)
     snaps = [
-        EngineSnapshot(f"e{i}", "r0", "m", True, rng.randint(0, 200), rng.randint(0, 5),
-                       rng.random(), rng.randint(0, 200), rng.randint(0, 200_000),
-                       rng.randint(0, 60_000), rng.uniform(0, 30_000), -rng.random())
+        EngineSnapshot(
+            id=f"e{i}", region="r0", model="m", running=rng.randint(0, 200),
+            waiting=rng.randint(0, 5), kv_usage=rng.random(), in_flight=rng.randint(0, 200),
+            in_flight_prompt_tokens=rng.randint(0, 200_000),
+            in_flight_decode_tokens=rng.randint(0, 60_000),
+            recent_prompt_rate=rng.uniform(0, 30_000), recent_prompt_at=-rng.random(),
+        )
         for i in range(n)
     ]  # fmt: skip
-    probe = make_job("x", 0.0, "acme", "chat", {"model": "m", "messages": [
-        {"role": "user", "content": "hello " * 300}], "max_tokens": 512}, 100).info[0]  # fmt: skip
+    body = {"model": "m", "messages": [{"role": "user", "content": "hello " * 300}],
+            "max_tokens": 512}  # fmt: skip
+    probe = make_job("x", 0.0, "acme", "chat", body, 100).info.info
     info = replace(probe, predicted_output_tokens=180, predicted_output_upper=600)
     profiles = {s.id: EngineProfile.named() for s in snaps}
     out = {}
     for name in POLICY_NAMES:
         policy = build_policy(name, profiles)
         reps = 20000
-        best = min(timeit.repeat(lambda p=policy: p.choose(info, snaps), number=reps, repeat=5))
+
+        def once(p: RoutingPolicy = policy) -> None:
+            p.choose(info, snaps)
+
+        best = min(timeit.repeat(once, number=reps, repeat=5))
         out[name] = best / reps * 1e6
     return out
 
 
 def predictor_cost(model: Path, rows: list[Row], start: int) -> dict[str, float]:
-    recs = [make_job(str(i), r.t, r.tenant, r.app, r.body, r.output_tokens).info[1]
+    recs = [record(make_job(str(i), r.t, r.tenant, r.app, r.body, r.output_tokens))
             for i, r in enumerate(requests(rows[:500], start))]  # fmt: skip
     out = {}
     for label, pred in (("LightGBM model", LengthPredictor(model)),
@@ -181,12 +246,15 @@ def main() -> int:
         print(f"{name:<22} MAE {s.mae:6.1f}  bucket {s.bucket_accuracy:.1%}  "
               f"p90 coverage {s.coverage:.1%}")  # fmt: skip
     results: list[dict[str, Any]] = []
+    frontend_rows: list[dict[str, Any]] = []
     caps = {}
     for n in FLEETS:
         jobs = eval_jobs(eval_rows, cut, n // 4)
         caps[n] = capacity(n, jobs)
         print(f"{n} engines: capacity {caps[n]:.1f} req/s on this workload", flush=True)
-        results += run_all(jobs, n, caps[n], model, args.quick)
+        results += run_all(jobs, n, caps[n], model)
+        if n == FRONTEND_SETTING[0]:
+            frontend_rows = frontend_effect(jobs, caps[n], model)
     doc = {
         "machine": f"{platform.processor() or platform.machine()}, {platform.system()} "
         f"{platform.release()}, Python {platform.python_version()}",
@@ -198,6 +266,7 @@ def main() -> int:
         "predictor": {k: asdict(v) for k, v in report.items()},
         "capacity": caps,
         "results": results,
+        "frontend": frontend_rows,
         "decision_us": decision_cost(),
         "predict_us": predictor_cost(model, eval_rows, cut),
     }

@@ -6,16 +6,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from benchmarks._common import pyplot, save_figure
+
 POLICY_ORDER = ("predicted-latency", "round-robin", "jsq", "least-tokens", "power-of-two",
                 "least-outstanding")  # fmt: skip
 
 
 def _plot(doc: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fleets = sorted({r["engines"] for r in doc["results"]})
     fig, axes = plt.subplots(2, len(fleets), figsize=(5 * len(fleets), 7), squeeze=False)
     for col, n in enumerate(fleets):
@@ -33,9 +31,7 @@ def _plot(doc: dict[str, Any], path: Path) -> None:
             ax.set_ylabel("seconds")
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _table(doc: dict[str, Any], n: int) -> list[str]:

@@ -1,138 +1,126 @@
-"""The gateway's routing path inside the cluster simulator.
+"""The routing benchmark's simulator side: the gateway's gate core in front of simulated engines.
 
-`GatewayFrontend` is `engines.cluster.Frontend` made of the gateway's own objects: for each
-arrival it adds the application's history to the request's features, asks the
-`LengthPredictor` for (median, upper) output tokens, builds each engine's `EngineSnapshot` from
-what the gateway would know (its own in-flight requests, prompt and predicted decode tokens,
-and the engine's gauges as last scraped), and calls the configured `RoutingPolicy.choose`.
-Nothing is re-implemented for the simulator.
+Every run goes through `gateway.simulate.GateFrontend`, the gateway's own `GateCore` on the
+cluster simulator's clock: admission (OIT over token buckets), the fairness queue, the
+configured routing policy over the ledger's view of each engine and the gauges scraped every
+`health_interval_s`, and the `LengthService` that predicts output lengths. The config is the
+one the live replay (benchmarks/routing_live.py) runs the gateway on: the workload's tenants
+and applications, each with a key, and the fleet as `[engines]` entries with the simulator's
+engine ids. The router prices each engine with its performance model, as the gateway sets it
+when the engine joins.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from benchmarks._common import quantile
+from benchmarks.routing_workload import APPS
 from engines.cluster import ClusterSim, EngineSpec, Job
-from engines.tokens import chat_prompt_tokens
-from gateway.core.ledger import EngineSnapshot
-from gateway.core.request import Endpoint, RequestInfo
-from gateway.lengths.features import Record, extract
+from gateway.config.schema import Config, parse
+from gateway.core.request import Endpoint
+from gateway.fleet.manager import engine_profile
+from gateway.http.auth import Principal, digest
+from gateway.http.request import measure
 from gateway.lengths.predictor import LengthPredictor
-from gateway.routing.latency import add_prompt
-from gateway.routing.policies import RoutingPolicy
+from gateway.lengths.service import LengthService
+from gateway.routing.latency import PredictedLatency, build_policy
+from gateway.simulate import GateFrontend, SimRequest
+
+MODEL = "llama-3.1-8b"
 
 
-@dataclass(slots=True)
-class _View:
-    """The gateway's EngineState for one simulated engine."""
-
-    in_flight: int = 0
-    prompt: int = 0
-    decode: int = 0
-    prompt_rate: float = 0.0
-    prompt_at: float = 0.0
-    running: int = 0
-    waiting: int = 0
-    kv_usage: float = 0.0
+def key(tenant: str, app: str) -> str:
+    """The API key of one application of the workload."""
+    return f"sk-{tenant}-{app}"
 
 
-class GatewayFrontend:
-    """Route on arrival with a gateway policy; see the module docstring.
+def fleet(n: int, model: str = MODEL, gpu: str = "H100") -> list[EngineSpec]:
+    return [EngineSpec(f"e{i}", "r0", model, arch=model, gpu=gpu) for i in range(n)]
 
-    `scrape_interval` is how stale the scraped gauges (running, waiting, KV use) are allowed to
-    be, in virtual seconds (0: always fresh). `oracle` gives the policy the true output length
-    instead of a prediction, as an upper bound of what prediction can buy.
-    """
 
-    def __init__(
-        self,
-        policy: RoutingPolicy,
-        predictor: LengthPredictor | None = None,
-        *,
-        scrape_interval: float = 0.0,
-        oracle: bool = False,
-    ) -> None:
-        self.policy = policy
-        self.predictor = predictor
-        self.scrape_interval = scrape_interval
-        self.oracle = oracle
-        self.sim: ClusterSim | None = None
-        self._views: dict[str, _View] = {}
-        self._scraped_at = -math.inf
-        self._ready: list[tuple[Job, str]] = []
+def config_dict(
+    specs: Sequence[EngineSpec],
+    policy: str = "predicted-latency",
+    model_path: str | Path | None = None,
+    fairness: Mapping[str, Any] | None = None,
+    engine: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The gateway config (as parsed TOML) for the workload on `specs`: a tenant per tenant of
+    routing_workload.APPS with its applications and a key for each, one `kind = "sim"` engine
+    per spec under the spec's id (with the settings in `engine` added), the routing policy and
+    the length model. Everything else is the gateway's default: no token buckets (so OIT
+    throttles nothing), the WSC queue, in-flight limits per engine of its `max_num_seqs`
+    requests and its KV capacity in tokens, health probes (and so gauge scrapes) every 2 s."""
+    tenants: dict[str, Any] = {}
+    for a in APPS:
+        t = tenants.setdefault(a.tenant, {"weight": 1.0, "apps": {}, "keys": []})
+        t["apps"][a.name] = {}
+        t["keys"].append({"sha256": digest(key(a.tenant, a.name)), "app": a.name})
+    engines: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for s in specs:
+        engines.setdefault(s.region, {}).setdefault(s.model, []).append({
+            "id": s.id, "kind": "sim", "gpu": s.gpu, "arch": s.arch, "tp": s.tp,
+            "max_num_seqs": s.max_num_seqs, "max_batched_tokens": s.max_batched_tokens,
+            **(engine or {}),
+        })  # fmt: skip
+    doc: dict[str, Any] = {
+        "routing": {"policy": policy, "model_path": str(model_path or "")},
+        "tenants": tenants,
+        "engines": engines,
+    }
+    if fairness:
+        doc["fairness"] = dict(fairness)
+    return doc
 
-    def _snapshots(self, model: str, now: float) -> list[EngineSnapshot]:
-        assert self.sim is not None, "attach the simulator: frontend.sim = sim"
-        engines = self.sim.by_model.get(model, [])
-        fresh = now - self._scraped_at >= self.scrape_interval
-        if fresh:
-            self._scraped_at = now
-        out = []
-        for e in engines:
-            v = self._views.setdefault(e.spec.id, _View())
-            if fresh:
-                v.running, v.waiting = len(e.sched.running), len(e.sched.waiting)
-                v.kv_usage = e.sched.kv_usage
-            s = e.spec
-            out.append(EngineSnapshot(s.id, s.region, s.model, True, v.running, v.waiting,
-                                      v.kv_usage, v.in_flight, v.prompt, v.decode, v.prompt_rate,
-                                      v.prompt_at))  # fmt: skip
-        return out
 
-    def on_arrival(self, job: Job, now: float) -> None:
-        info, rec = job.info
-        info = replace(info, arrival=now)  # the gateway stamps arrival when it receives it
-        if self.oracle:
-            info = replace(info, predicted_output_tokens=job.output_tokens,
-                           predicted_output_upper=job.output_tokens)  # fmt: skip
-        elif self.predictor is not None:
-            med, up = self.predictor.predict(self.predictor.with_history(rec))
-            info = replace(info, predicted_output_tokens=med, predicted_output_upper=up)
-        job.info = (info, rec)
-        engine = self.policy.choose(info, self._snapshots(job.model, now))
-        v = self._views[engine]
-        v.in_flight += 1
-        v.prompt += info.prompt_tokens
-        v.decode += info.predicted_output_tokens or 0
-        v.prompt_rate, v.prompt_at = add_prompt(v.prompt_rate, v.prompt_at, now, info.prompt_tokens)
-        self._ready.append((job, engine))
+def config(
+    specs: Sequence[EngineSpec],
+    policy: str = "predicted-latency",
+    model_path: str | Path | None = None,
+    fairness: Mapping[str, Any] | None = None,
+    engine: Mapping[str, Any] | None = None,
+) -> Config:
+    return parse(config_dict(specs, policy, model_path, fairness, engine))
 
-    def ready(self, now: float) -> Iterable[tuple[Job, str]]:
-        out, self._ready = self._ready, []
-        return out
 
-    def on_tokens(self, job: Job, n: int, now: float) -> None:
-        pass
+def specs_of(cfg: Config) -> list[EngineSpec]:
+    """The simulator's engines for the config's `[engines]`, same ids, same order."""
+    return [
+        EngineSpec(e.id, e.region, e.model, e.arch, e.gpu, e.tp, e.max_num_seqs,
+                   e.max_batched_tokens)
+        for e in cfg.engines
+    ]  # fmt: skip
 
-    def on_finish(self, job: Job, now: float) -> None:
-        info, rec = job.info
-        assert job.engine is not None
-        v = self._views[job.engine]
-        v.in_flight -= 1
-        v.prompt -= info.prompt_tokens
-        v.decode -= info.predicted_output_tokens or 0
-        if self.predictor is not None:
-            self.predictor.observe(rec, job.generated)
+
+def frontend(
+    cfg: Config, *, oracle: bool = False, scrape_interval: float | None = None
+) -> GateFrontend:
+    """The gate core as the gateway builds it for `cfg`: its routing policy (each engine's
+    performance profile set as the engine joins), its length service, OIT on, and gauges
+    scraped every `server.health_interval_s` (or `scrape_interval`, in simulated seconds)."""
+    rc = cfg.routing
+    router = build_policy(rc.policy, {}, rc.region_threshold)
+    if isinstance(router, PredictedLatency):
+        for e in cfg.engines:
+            router.set_profile(e.id, engine_profile(e))
+    lengths = LengthService(LengthPredictor(rc.model_path or None),
+                            preferred_regions=rc.preferred_regions)  # fmt: skip
+    interval = cfg.server.health_interval_s if scrape_interval is None else scrape_interval
+    return GateFrontend(cfg, router, lengths=lengths, oit=True, scrape_interval=interval,
+                        oracle=oracle)  # fmt: skip
 
 
 def make_job(rid: str, t: float, tenant: str, app: str, body: dict[str, Any],
-             output_tokens: int, region: str = "r0") -> Job:  # fmt: skip
-    """A simulator job carrying the RequestInfo and feature record the gateway would build."""
-    prompt = chat_prompt_tokens(body["messages"])
-    info = RequestInfo(
-        id=rid, tenant=tenant, app=app, interaction_id=None, model=body["model"],
-        endpoint=Endpoint.CHAT, prompt_tokens=prompt, max_tokens=body.get("max_tokens"),
-        stream=True, include_usage=True, arrival=t,
-    )  # fmt: skip
-    rec: Record = extract(info, body)
-    return Job(rid, t, body["model"], prompt, output_tokens, info=(info, rec))
-
-
-def fleet(n: int, model: str = "llama-3.1-8b", gpu: str = "H100") -> list[EngineSpec]:
-    return [EngineSpec(f"e{i}", "r0", model, arch=model, gpu=gpu) for i in range(n)]
+             output_tokens: int) -> Job:  # fmt: skip
+    """A simulator job carrying the RequestInfo the gateway's handler would build for `body`
+    (`gateway.http.request.measure`) and the body, for the length predictor's features."""
+    info = measure(body, Endpoint.CHAT, Principal(tenant, app), rid, None, arrival=t)
+    return Job(rid, t, body["model"], info.prompt_tokens, output_tokens,
+               info=SimRequest(info, body))  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,26 +134,25 @@ class Summary:
     p99_tpot: float
 
 
-def _pct(xs: Sequence[float], q: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, int(q * len(s)))] if s else math.nan
-
-
 def summarise(jobs: Sequence[Job]) -> Summary:
     done = [j for j in jobs if j.finished is not None]
     e2e = [j.latency or 0.0 for j in done]
     ttft = [j.ttft or 0.0 for j in done]
     tpot = [t for j in done if (t := j.tpot) is not None]
     return Summary(
-        len(done), sum(e2e) / len(e2e), _pct(e2e, 0.99), sum(ttft) / len(ttft),
-        _pct(ttft, 0.99), sum(tpot) / len(tpot), _pct(tpot, 0.99),
+        len(done), sum(e2e) / len(e2e), quantile(e2e, 0.99), sum(ttft) / len(ttft),
+        quantile(ttft, 0.99), sum(tpot) / len(tpot), quantile(tpot, 0.99),
     )  # fmt: skip
 
 
-def simulate(specs: Sequence[EngineSpec], front: GatewayFrontend, jobs: list[Job]) -> list[Job]:
-    """Run fresh copies of `jobs` (so one list serves every policy) through the simulator."""
-    fresh = [Job(j.id, j.arrival, j.model, j.prompt_tokens, j.output_tokens, j.info)
-             for j in jobs]  # fmt: skip
+def simulate(specs: Sequence[EngineSpec], front: GateFrontend, jobs: Sequence[Job]) -> list[Job]:
+    """Run fresh copies of `jobs` (so one list serves every policy: the frontend stamps its
+    predictions on the copies) through the simulator."""
+    fresh = [
+        Job(j.id, j.arrival, j.model, j.prompt_tokens, j.output_tokens,
+            SimRequest(j.info.info, j.info.body))
+        for j in jobs
+    ]  # fmt: skip
     sim = ClusterSim(specs, front)
     front.sim = sim
     return sim.run(fresh)

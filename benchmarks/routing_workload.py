@@ -13,7 +13,6 @@ trace's. `docs/ROUTING.md` says so next to the figures.
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import random
 from collections.abc import Iterator
@@ -21,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-TRACE = Path(__file__).resolve().parent.parent.parent / "shared/data/azure-llm-2023/conv.csv"
+from benchmarks._common import TRACE, read_trace
+
 MAX_CONTEXT = 8192  # the simulated engines' max_model_len
 
 
@@ -33,14 +33,12 @@ class Row:
 
 
 def load_trace(path: Path = TRACE) -> list[Row]:
+    """The trace's rows in file order, timed from its first row; outputs of at least 1 token."""
     rows: list[Row] = []
     t0: dt.datetime | None = None
-    with open(path, newline="") as f:
-        for r in csv.DictReader(f):
-            ts = dt.datetime.fromisoformat(r["TIMESTAMP"][:26])
-            t0 = t0 or ts
-            rows.append(Row((ts - t0).total_seconds(), int(r["ContextTokens"]),
-                            max(1, int(r["GeneratedTokens"]))))  # fmt: skip
+    for ts, prompt, output in read_trace(path):
+        t0 = t0 or ts
+        rows.append(Row((ts - t0).total_seconds(), prompt, max(1, output)))
     return rows
 
 

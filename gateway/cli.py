@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import uvloop
 from aiohttp import web
@@ -28,7 +29,7 @@ def _serve(args: argparse.Namespace) -> int:
     port = cfg.server.port if args.port is None else args.port
     print(f"fairway: serving on http://{host}:{port} ({len(cfg.engines)} engines)", file=sys.stderr)
     web.run_app(
-        build_app(cfg),
+        build_app(cfg, config_path=args.config),
         host=host,
         port=port,
         backlog=cfg.server.backlog,
@@ -41,15 +42,20 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    if args.path and args.config and Path(args.path).resolve() != Path(args.config).resolve():
+        print(f"fairway check-config: two config files given ({args.path} and --config "
+              f"{args.config}); give one", file=sys.stderr)  # fmt: skip
+        return 2
+    path = args.path or args.config or "config.toml"
     try:
-        cfg = load(args.config)
+        cfg = load(path)
     except ConfigError as exc:
         for err in exc.errors:
-            print(f"{args.config}: {err}", file=sys.stderr)
+            print(f"{path}: {err}", file=sys.stderr)
         return 2
     regions = sorted({e.region for e in cfg.engines})
     print(
-        f"{args.config}: ok: {len(cfg.tenants)} tenants, {len(cfg.engines)} engines, "
+        f"{path}: ok: {len(cfg.tenants)} tenants, {len(cfg.engines)} engines, "
         f"models {', '.join(cfg.models)}, regions {', '.join(regions)}"
     )
     return 0
@@ -111,7 +117,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("check-config", help="validate a config file and exit")
-    p.add_argument("--config", default="config.toml")
+    # A positional path, as `promtool check config` takes it; --config, as `serve` takes it.
+    p.add_argument("path", nargs="?", default=None, help="the config file (default config.toml)")
+    p.add_argument("--config", default=None, help="the config file, as serve takes it")
     p.set_defaults(func=_check)
 
     p = sub.add_parser("sim", help="run one simulated vLLM engine")

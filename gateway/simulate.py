@@ -1,25 +1,41 @@
-"""The gateway's gate on the cluster simulator's clock.
+"""The gateway's gate core on the cluster simulator's clock: the one simulator frontend.
 
-`GateFrontend` is `gateway.http.gate.Gate` without the asyncio: the same `Admission` (OIT), token
-buckets (`MemoryStore`), `Dispatcher` with its fairness policy and the same router, driven by
-`engines.cluster.ClusterSim` callbacks instead of HTTP requests. A simulated request is a
-`Job` whose `info` is the `RequestInfo` the gateway would have built.
+`GateFrontend` is `engines.cluster.Frontend` made of the gateway's own objects: the very
+`GateCore` the gateway runs (admission and OIT, the fairness queue, routing with the configured
+policy, the ledger's per-engine view), token buckets in a `MemoryStore`, and, when given, the
+same `LengthService` that predicts output lengths in the gateway. Only the clock and the
+engines differ: virtual time, and `engines.cluster` engines whose gauges are scraped every
+`scrape_interval` virtual seconds, as the health loop scrapes real ones.
+
+A simulated request is a `Job` whose `info` is a `SimRequest`: the `RequestInfo` the gateway
+would have built and, for length prediction, the request body.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
-from engines.cluster import ClusterSim, Job
+from engines.cluster import ClusterSim, Job, SimulatedEngine
 from gateway.config.schema import Config
-from gateway.core.admission import Admission, Keyed
-from gateway.core.dispatch import Decision, build_dispatcher
-from gateway.core.fairness import Ticket
-from gateway.core.ledger import EngineSnapshot
+from gateway.core.dispatch import Decision
+from gateway.core.gate import GateCore, Router, Slot
+from gateway.core.ledger import EngineLimit
 from gateway.core.request import Endpoint, RequestInfo
-from gateway.routing.policies import RoutingPolicy
+from gateway.lengths.features import Record
+from gateway.lengths.service import LengthService
 from gateway.state.buckets import MemoryStore
+
+
+@dataclass(slots=True)
+class SimRequest:
+    """What travels with a simulated job: the gateway's view of the request."""
+
+    info: RequestInfo
+    body: dict[str, Any] = field(default_factory=dict)  # for the length predictor's features
+    record: Record | None = None  # the features, once predicted
 
 
 def request_info(
@@ -40,80 +56,147 @@ def request_info(
 
 
 @dataclass(slots=True)
-class _Entry:
-    ticket: Ticket
-    keys: Keyed
-    cost: float
+class _Engine:
+    """A simulated engine as the gateway's registry sees it: gauges as last scraped."""
+
+    engine: SimulatedEngine
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0
+    routable: bool = True
+
+    @property
+    def id(self) -> str:
+        return self.engine.spec.id
+
+    @property
+    def region(self) -> str:
+        return self.engine.spec.region
+
+    @property
+    def model(self) -> str:
+        return self.engine.spec.model
 
 
 class GateFrontend:
-    """Admission, fairness queue and routing for the simulator. `oit=False` turns the token
-    buckets off (a pure scheduling comparison)."""
+    """The gateway's gate core for the simulator; see the module docstring.
 
-    def __init__(self, cfg: Config, router: RoutingPolicy, oit: bool = True) -> None:
-        self.cfg = cfg
-        self.router = router
+    `oit=False` turns the token buckets off (a pure scheduling comparison). `oracle` gives the
+    router the true output length instead of a prediction, as an upper bound of what
+    prediction can buy. Engines not in `cfg.engines` get the limits a config would give them
+    by default (`max_num_seqs` requests, the modelled KV capacity in tokens)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        router: Router,
+        *,
+        lengths: LengthService | None = None,
+        oit: bool = True,
+        scrape_interval: float = 0.0,
+        oracle: bool = False,
+    ) -> None:
+        self.core = GateCore(cfg, self, router)
+        self.lengths = lengths
         self.oit = oit
-        self.sim: ClusterSim | None = None
-        self.dispatcher = build_dispatcher(cfg, self._snapshots, self._route)
-        self.admission = Admission(cfg, self.dispatcher)
+        self.scrape_interval = scrape_interval
+        self.oracle = oracle
         self.store = MemoryStore()
-        self.entries: dict[str, _Entry] = {}
+        self.slots: dict[str, Slot] = {}
+        self._sim: ClusterSim | None = None
+        self._views: dict[str, list[_Engine]] = {}
+        self._scraped_at = -math.inf
+        self._now = 0.0
         self._ready: list[tuple[Job, str]] = []
 
-    def _snapshots(self, model: str) -> list[EngineSnapshot]:
-        assert self.sim is not None, "attach the simulator: frontend.sim = sim"
-        out = []
-        for e in self.sim.engines_of(model):
-            running, waiting, kv = e.gauges()
-            pending = sum(s.prompt_tokens for s in e.seqs.values() if s.output == 0)
-            sp = e.spec
-            out.append(EngineSnapshot(sp.id, sp.region, sp.model, True, running, waiting, kv,
-                                      len(e.jobs), pending))  # fmt: skip
-        return out
+    @property
+    def sim(self) -> ClusterSim | None:
+        return self._sim
 
-    def _route(self, t: Ticket, engines: list[EngineSnapshot]) -> str:
-        job: Job = t.payload
-        return self.router.choose(job.info, engines)
+    @sim.setter
+    def sim(self, sim: ClusterSim | None) -> None:
+        """Attach the simulator: its engines join the gate core's ledger."""
+        self._sim = sim
+        self._views = {}
+        if sim is None:
+            return
+        known = {e.id for e in self.core.cfg.engines}
+        for model, engines in sim.by_model.items():
+            self._views[model] = [_Engine(e) for e in engines]
+            for e in engines:
+                if e.spec.id not in known:
+                    limit = EngineLimit(
+                        max_running=e.spec.max_num_seqs, max_tokens=e.perf.kv_capacity_tokens
+                    )
+                    self.core.set_limit(e.spec.id, limit)
+
+    # The fleet, as the gate core reads it ---------------------------------------------------
+
+    def engines_of(self, model: str) -> Sequence[_Engine]:
+        views = self._views.get(model, [])
+        if self._now - self._scraped_at >= self.scrape_interval:
+            self._scraped_at = self._now
+            for models in self._views.values():
+                for v in models:
+                    v.running, v.waiting, v.kv_usage = v.engine.gauges()
+        return views
+
+    # engines.cluster.Frontend ---------------------------------------------------------------
 
     def on_arrival(self, job: Job, now: float) -> None:
-        info: RequestInfo = job.info
-        a = self.admission.prepare(info, now)
+        self._now = now
+        req: SimRequest = job.info
+        info = replace(req.info, arrival=now)  # the gateway stamps arrival when it receives it
+        if self.lengths is not None:
+            info, req.record = self.lengths.annotate(info, req.body)
+        if self.oracle:
+            info = replace(info, predicted_output_tokens=job.output_tokens,
+                           predicted_output_upper=job.output_tokens)  # fmt: skip
+        req.info = info
+        a = self.core.prepare(info, now)
         if self.oit:
             verdict = self.store.admit_at(a.keys, a.cost, a.need, a.enforce, now)
             if not verdict.admitted:
                 job.rejected = "throttled"
                 return
-        a.ticket.payload = job
-        decision, engine = self.dispatcher.submit(a.ticket, info.model, now)
-        if decision in (Decision.START, Decision.QUEUED):
-            self.admission.admitted(info, now)
+        decision, slot = self.core.submit(info, a, now)
+        slot.payload = job
         if decision is Decision.START:
-            self._ready.append((job, engine))
+            self._ready.append((job, slot.engine))
         elif decision is not Decision.QUEUED:
             job.rejected = decision.value
+            if self.oit:
+                self.store.admit_at(a.keys, -a.cost, 0.0, False, now)
             return
-        self.entries[job.id] = _Entry(a.ticket, a.keys if self.oit else (), a.cost)
+        self.slots[job.id] = slot
 
     def ready(self, now: float) -> Iterable[tuple[Job, str]]:
+        self._now = now
         # Rate-limit windows open with time alone; the gateway arms a timer for them.
-        for model, policy in self.dispatcher.policies.items():
-            if policy.name == "rpm" and policy.waiting():
-                self._ready.extend((t.payload, e) for t, e in self.dispatcher.poll(model, now))
+        for model in self.core.models:
+            when = self.core.wake_at(model, now)
+            if when is not None and when <= now:
+                self._start(self.core.poll(model, now))
         out, self._ready = self._ready, []
         return out
 
+    def _start(self, slots: list[Slot]) -> None:
+        self._ready.extend((s.payload, s.engine) for s in slots)
+
     def on_tokens(self, job: Job, n: int, now: float) -> None:
-        self.dispatcher.on_tokens(self.entries[job.id].ticket, job.model, n)
+        self.core.on_tokens(self.slots[job.id], n)
 
     def on_finish(self, job: Job, now: float) -> None:
-        e = self.entries.pop(job.id)
-        started = self.dispatcher.finish(e.ticket, job.model, job.prompt_tokens, job.generated, now)
-        self._ready.extend((t.payload, engine) for t, engine in started)
-        real = job.prompt_tokens + job.generated
-        if e.keys and real != e.cost:
-            self.store.admit_at(e.keys, real - e.cost, 0.0, False, now)
+        self._now = now
+        slot = self.slots.pop(job.id)
+        started, delta = self.core.finish(slot, job.prompt_tokens, job.generated, now)
+        self._start(started)
+        if self.oit and delta:
+            self.store.admit_at(slot.keys, delta, 0.0, False, now)
+        req: SimRequest = job.info
+        if self.lengths is not None and req.record is not None:
+            self.lengths.finish(req.info, req.record, job.generated)
 
     def wake_at(self, now: float) -> float | None:
-        times = [t for p in self.dispatcher.policies.values() if (t := p.wake_at(now))]
+        times = [t for m in self.core.models if (t := self.core.wake_at(m, now)) is not None]
         return min(times) if times else None

@@ -16,8 +16,9 @@ from aiohttp.test_utils import TestServer
 from engines.sim.engine import SimEngineConfig
 from engines.sim.server import build_app as build_sim_app
 from gateway.config.schema import Config, parse
-from gateway.http.app import GATEWAY, Gateway, build_app
+from gateway.http.app import build_app
 from gateway.http.auth import digest
+from gateway.http.state import GATEWAY, Gateway
 
 KEYS = {"sk-test-acme-chat": ("acme", "chat"), "sk-test-globex-chat": ("globex", "chat")}
 ACME = "sk-test-acme-chat"
@@ -64,9 +65,12 @@ async def start_gateway(
 ) -> AsyncIterator[GatewayFactory]:
     """Start a gateway on a config dict; returns (server, gateway state)."""
 
-    async def start(cfg: dict[str, Any] | None = None) -> tuple[TestServer, Gateway]:
-        config: Config = parse(cfg or config_dict())
-        server = await aiohttp_server(build_app(config))
+    async def start(
+        cfg: dict[str, Any] | None = None, config_path: str | None = None
+    ) -> tuple[TestServer, Gateway]:
+        raw = cfg or config_dict()
+        config: Config = parse(raw)
+        server = await aiohttp_server(build_app(config, config_path=config_path, raw=raw))
         return server, server.app[GATEWAY]
 
     return start

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import aiohttp
 import openai
 import orjson
 from aiohttp.test_utils import TestServer
 
-from gateway.http.app import Gateway
+from gateway.http.state import Gateway
 from tests.conftest import ACME, MODEL, GatewayFactory, scrape
 
 Served = tuple[TestServer, Gateway]
@@ -133,25 +135,48 @@ async def test_requests_spread_over_engines(start_gateway: GatewayFactory) -> No
     assert sorted(engines.count(e) for e in set(engines)) == [3, 3, 3]
 
 
-async def test_client_key_is_not_forwarded(gateway: Served, http: aiohttp.ClientSession) -> None:
+async def test_client_key_is_not_forwarded(
+    start_gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
     """An engine with its own key accepts the gateway's calls; the client's key never reaches it."""
+    from gateway.config.schema import parse
     from tests.conftest import config_dict, start_sim
 
     runner, url = await start_sim(api_key="engine-secret")
     try:
-        server, gw = gateway
-        engine = gw.registry.engines["us-east/llama-3.1-8b/0"]
-        engine.url, engine.api_key = url, "engine-secret"
-        body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
-        for _ in range(3):  # least outstanding rotates over all three engines
-            async with http.post(
-                server.make_url("/v1/chat/completions"), json=body, headers=AUTH
-            ) as r:
-                assert r.status == 200, await r.text()
-        async with http.post(f"{url}/v1/chat/completions", json=body, headers=AUTH) as r:
-            assert r.status == 401
-            assert orjson.loads(await r.read())["error"]["code"] == "invalid_api_key"
-        assert config_dict()  # the shared fixture config is untouched
+        keyed = {"kind": "vllm", "url": url, "api_key": "engine-secret"}
+        raw = config_dict({"us-east": {MODEL: [keyed]}, "eu-west": {MODEL: [{"kind": "sim"}]}})
+        cfg = parse(raw)
+        assert [(e.id, e.kind, e.api_key) for e in cfg.engines] == [
+            ("us-east/llama-3.1-8b/0", "vllm", "engine-secret"),
+            ("eu-west/llama-3.1-8b/0", "sim", None),
+        ]
+        assert sorted(cfg.tenants) == ["acme", "globex"]
+        server, _gw = await start_gateway(raw)
+        client = openai.AsyncOpenAI(
+            base_url=str(server.make_url("/v1")), api_key=ACME, max_retries=0, timeout=30
+        )
+        msgs: Any = [{"role": "user", "content": "x"}]
+        for _ in range(3):
+            resp = await client.chat.completions.with_raw_response.create(
+                model=MODEL, messages=msgs, max_tokens=2,
+                extra_headers={"X-Fairway-Regions": "us-east"},
+            )  # fmt: skip
+            assert resp.headers["x-fairway-engine"] == "us-east/llama-3.1-8b/0"
+            usage = resp.parse().usage
+            assert usage is not None and usage.completion_tokens >= 1
+        # The keyed engine itself counts the three requests as served...
+        async with http.get(f"{url}/metrics") as r:
+            text = await r.text()
+        assert scrape(text, "vllm:request_success_total") == 3
+        # ...and refuses the client's key, or none: the gateway must have sent its own.
+        body = {"model": MODEL, "messages": msgs, "max_tokens": 2}
+        for headers in (AUTH, {}):
+            async with http.post(f"{url}/v1/chat/completions", json=body, headers=headers) as r:
+                assert r.status == 401
+                assert orjson.loads(await r.read())["error"]["code"] == "invalid_api_key"
+        async with http.get(f"{url}/metrics") as r:
+            assert scrape(await r.text(), "vllm:request_success_total") == 3
     finally:
         await runner.cleanup()
 

@@ -40,8 +40,52 @@ def test_every_job_finishes_and_load_spreads() -> None:
     assert all(j.finished is not None and j.generated == j.output_tokens for j in jobs)
     assert {j.engine for j in jobs} == {"e0", "e1", "e2", "e3"}
     assert all(not e.jobs and not e.sched.has_work for e in sim.engines.values())
-    # Batching: 400 requests finish far sooner than run one at a time.
-    assert max(j.finished for j in jobs if j.finished) < sum(e.busy_s for e in sim.engines.values())
+    # Batching: one request at a time needs a step per output token and is busy for the sum
+    # of its requests' latencies; here each step carries several requests at once.
+    for e in sim.engines.values():
+        mine = [j for j in jobs if j.engine == e.id]
+        assert e.steps < sum(j.output_tokens for j in mine) / 3, (e.id, e.steps)
+        assert sum(j.latency or 0.0 for j in mine) > 3 * e.busy_s, e.id
+
+
+def test_concurrent_requests_share_steps_continuous_batching() -> None:
+    n, prompt, out = 16, 200, 50
+    alone: list[tuple[float, int]] = []  # each request on an engine of its own
+    for i in range(n):
+        sim, _ = _sim()
+        job = Job(str(i), 0.0, "m", prompt, out)
+        sim.run([job])
+        assert job.latency is not None
+        alone.append((job.latency, sim.engines["e0"].steps))
+    sim, _ = _sim()
+    engine = sim.engines["e0"]
+    sizes: list[int] = []  # sequences in each step, sampled as the step starts
+
+    def sample() -> None:
+        if engine.plan is not None and engine.steps > len(sizes):
+            sizes.append(len(engine.plan.items))
+
+    jobs = [Job(str(i), 0.0, "m", prompt, out) for i in range(n)]
+    sim.run(jobs, on_event=sample)
+    assert all(j.generated == out for j in jobs)
+    makespan = max(j.finished or 0.0 for j in jobs)
+    # Together they take about one request's time, not n times it (serially: ~6 s)...
+    assert makespan < 2 * max(lat for lat, _ in alone), (makespan, alone[0])
+    assert makespan < sum(lat for lat, _ in alone) / 4
+    # ...because the steps are shared: a few more than one request's, not n times as many.
+    assert len(sizes) == engine.steps
+    assert engine.steps < sum(steps for _, steps in alone) / 4, engine.steps
+    assert max(sizes) == n and sum(sizes) / len(sizes) > n / 2, sizes
+    # Continuous: a request arriving mid-generation joins the running batch at once and
+    # leaves when it is done, instead of waiting for the batch to drain.
+    sim, _ = _sim()
+    long, short = Job("long", 0.0, "m", prompt, 200), Job("short", 0.2, "m", prompt, 10)
+    sim.run([long, short])
+    assert long.first_token is not None and long.finished is not None
+    assert short.ttft is not None and short.finished is not None
+    assert long.first_token < short.arrival and short.ttft < 0.05 * long.finished
+    assert short.finished < long.finished
+    assert sim.engines["e0"].steps < 200 + 10
 
 
 def test_overload_builds_a_queue_inside_the_engine() -> None:

@@ -10,7 +10,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
-from gateway.http.app import Gateway
+from gateway.http.state import Gateway
 from tests.conftest import ACME, MODEL, config_dict, free_port
 
 Served = tuple[TestServer, Gateway]
@@ -62,7 +62,12 @@ BAD_BODIES: list[tuple[str, bytes, str | None]] = [
     ("metadata a list", orjson.dumps({"model": MODEL, "messages": MSGS, "metadata": [1]}),
      "metadata"),
     ("invalid utf-8", b'{"model": "\xff\xfe"}', None),
-    ("huge number", b'{"model": "llama-3.1-8b", "messages": [], "max_tokens": 1e999}', None),
+    # Valid but for the number: past 64 bits it decodes as a float, and max_tokens is named.
+    ("huge number", b'{"model": "llama-3.1-8b", "messages": [{"role": "user", "content": "hi"}],'
+     b' "max_tokens": 99999999999999999999}', "max_tokens"),
+    # Past a double's range it is no JSON number the decoder accepts: an invalid body.
+    ("infinite number", b'{"model": "llama-3.1-8b", "messages": [{"role": "user", "content":'
+     b' "hi"}], "max_tokens": 1e999}', None),
     ("deep nesting", b"[" * 5000 + b"]" * 5000, None),
 ]  # fmt: skip
 

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from gateway.core.admission import Bucket, Interactions, Limit, decide, format_reset
-from gateway.core.dispatch import Decision, Dispatcher, EngineLimit
+from gateway.core.dispatch import Decision, Dispatcher
 from gateway.core.fairness import Fcfs, Prices, RpmLimit, Ticket, Vtc, Wsc, make_policy
-from gateway.core.ledger import EngineSnapshot
+from gateway.core.ledger import EngineLimit, EngineSnapshot, Ledger
+
+_handles = itertools.count(1)
 
 
 def ticket(rid: str, tenant: str, prompt: int = 100, out: int = 100, **kw: object) -> Ticket:
-    return Ticket(rid, tenant, "app", prompt, out, 0.0, **kw)  # type: ignore[arg-type]
+    t = Ticket(rid, tenant, "app", prompt, out, 0.0, **kw)  # type: ignore[arg-type]
+    t.handle = next(_handles)
+    return t
 
 
 def drain(policy: Vtc | Fcfs | RpmLimit, now: float = 0.0) -> list[str]:
@@ -136,10 +142,13 @@ def test_interactions_are_in_progress_within_their_ttl() -> None:
 
 
 def _dispatcher(policy: str = "vtc", running: int = 1, tokens: int = 0) -> Dispatcher:
-    snaps = [EngineSnapshot(e, "r", "m", True, 0, 0, 0.0, 0, 0) for e in ("e0", "e1")]
+    snaps = [EngineSnapshot(id=e, region="r", model="m") for e in ("e0", "e1")]
+    ledger = Ledger()
+    for e in ("e0", "e1"):
+        ledger.add_engine(e, EngineLimit(max_running=running, max_tokens=tokens))
     return Dispatcher(
         lambda model: make_policy(policy, Prices(), lambda t: 100),
-        {"e0": EngineLimit(running, tokens), "e1": EngineLimit(running, tokens)},
+        ledger,
         lambda model: snaps if model == "m" else [],
         lambda t, engines: engines[0].id,
         max_queue_per_tenant=2,
@@ -170,7 +179,8 @@ def test_dispatcher_counts_tokens_against_kv_limits() -> None:
     assert d.submit(big, "m", 0.0)[0] is Decision.START  # an idle engine takes anything
     assert d.submit(ticket("s1", "a", prompt=300), "m", 0.0) == (Decision.START, "e1")
     assert d.submit(ticket("s2", "a", prompt=300), "m", 0.0)[0] is Decision.QUEUED
-    assert d.load["e1"].tokens == 400
+    assert d.ledger.loads["e1"].kv_tokens == 400
+    assert d.ledger.loads["e0"].kv_tokens == 2100
 
 
 def test_wsc_lifts_only_newly_active_tenants() -> None:

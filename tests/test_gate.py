@@ -4,6 +4,7 @@ limits, the admin view and the metrics, with the official OpenAI client."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -11,10 +12,31 @@ import openai
 import pytest
 
 from gateway.http.auth import digest
+from gateway.http.state import Gateway
 from tests.conftest import ACME, MODEL, GatewayFactory, config_dict, free_port, scrape
 
 GLOBEX = "sk-test-globex-chat"
 ADMIN = "sk-test-admin"
+ENGINE = "us-east/llama-3.1-8b/0"  # fair_config's only engine
+
+
+async def wait_for(condition: Callable[[], bool], within: float = 5.0) -> None:
+    """Poll the gateway's state until `condition` holds; fail past the deadline."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not condition():
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
+def backlog(gw: Gateway, tenant: str = "acme") -> int:
+    """Requests of `tenant` waiting in the fairness queue."""
+    return gw.gate.dispatcher.policy(MODEL).backlog(tenant)
+
+
+def saturated(gw: Gateway) -> bool:
+    """The only slot is taken: the model is overloaded, so OIT may throttle."""
+    return gw.gate.core.ledger.in_flight(ENGINE) == 1 and gw.gate.dispatcher.overloaded(MODEL)
 
 
 def fair_config(policy: str = "wsc", max_running: int = 1, **fairness: Any) -> dict[str, Any]:
@@ -42,7 +64,7 @@ async def chat(c: openai.AsyncOpenAI, tokens: int = 40, **kw: Any) -> Any:
 
 
 async def finish_order(policy: str, start_gateway: GatewayFactory) -> list[str]:
-    server, _ = await start_gateway(fair_config(policy))
+    server, gw = await start_gateway(fair_config(policy))
     acme, globex = client_for(server, ACME), client_for(server, GLOBEX)
     order: list[str] = []
 
@@ -51,7 +73,7 @@ async def finish_order(policy: str, start_gateway: GatewayFactory) -> list[str]:
         order.append(name)
 
     flood = [asyncio.create_task(one(acme, f"acme{i}")) for i in range(5)]
-    await asyncio.sleep(0.1)  # acme holds the engine and four requests wait
+    await wait_for(lambda: saturated(gw) and backlog(gw) == 4)  # acme0 runs, four wait
     await asyncio.gather(one(globex, "globex"), *flood)
     return order
 
@@ -66,7 +88,7 @@ async def test_vtc_and_wsc_serve_a_newcomer_before_the_flood_fcfs_does_not(
 
 
 async def test_continuing_interaction_jumps_the_queue(start_gateway: GatewayFactory) -> None:
-    server, _ = await start_gateway(fair_config("wsc"))
+    server, gw = await start_gateway(fair_config("wsc"))
     acme, globex = client_for(server, ACME), client_for(server, GLOBEX)
     await chat(globex, 2, extra_headers={"X-Fairway-Interaction": "task-7"})
     order: list[str] = []
@@ -76,7 +98,7 @@ async def test_continuing_interaction_jumps_the_queue(start_gateway: GatewayFact
         order.append(name)
 
     flood = [asyncio.create_task(one(acme, f"acme{i}")) for i in range(4)]
-    await asyncio.sleep(0.1)
+    await wait_for(lambda: saturated(gw) and backlog(gw) == 3)  # acme0 runs, three wait
     # The same interaction's next call, in the body's metadata this time.
     await asyncio.gather(one(globex, "step2", metadata={"interaction_id": "task-7"}), *flood)
     assert order.index("step2") <= 1, order
@@ -87,7 +109,7 @@ async def test_throttle_only_under_overload_with_retry_after(
 ) -> None:
     cfg = fair_config("wsc")
     cfg["tenants"]["acme"].update(tokens_per_minute=600, burst_tokens=20)
-    server, _ = await start_gateway(cfg)
+    server, gw = await start_gateway(cfg)
     acme = client_for(server, ACME)
     # Not overloaded: no throttling even beyond the bucket (the debt is remembered).
     for _ in range(3):
@@ -97,7 +119,7 @@ async def test_throttle_only_under_overload_with_retry_after(
     assert raw.headers["x-ratelimit-reset-tokens"].endswith("s")
     globex = client_for(server, GLOBEX)
     hold = asyncio.create_task(chat(globex, 60))  # the only slot: the model is overloaded
-    await asyncio.sleep(0.05)
+    await wait_for(lambda: saturated(gw))
     with pytest.raises(openai.RateLimitError) as err:
         await chat(acme, 4)
     assert err.value.status_code == 429
@@ -115,15 +137,15 @@ async def test_interaction_in_progress_is_never_cut(
 ) -> None:
     cfg = fair_config("wsc")
     cfg["tenants"]["acme"].update(tokens_per_minute=600, burst_tokens=100)
-    server, _ = await start_gateway(cfg)
+    server, gw = await start_gateway(cfg)
     acme, globex = client_for(server, ACME), client_for(server, GLOBEX)
     hdr = {"X-Fairway-Interaction": "agent-run-1"}
     await chat(acme, 4, extra_headers=hdr)  # opens the interaction while all is calm
     hold = asyncio.create_task(chat(globex, 60))  # the only slot: the model is overloaded
-    await asyncio.sleep(0.05)
+    await wait_for(lambda: saturated(gw))
     # Six more calls of the interaction, far beyond the bucket, during overload: all admitted.
     calls = [asyncio.create_task(chat(acme, 40, extra_headers=hdr)) for _ in range(6)]
-    await asyncio.sleep(0.05)
+    await wait_for(lambda: backlog(gw) == 6)  # admitted: all six wait for the slot
     with pytest.raises(openai.RateLimitError):  # a new interaction is not
         await chat(acme, 40, extra_headers={"X-Fairway-Interaction": "agent-run-2"})
     for raw in await asyncio.gather(*calls, hold):
@@ -133,12 +155,14 @@ async def test_interaction_in_progress_is_never_cut(
 
 
 async def test_queue_limits_answer_429_and_503(start_gateway: GatewayFactory) -> None:
-    server, _ = await start_gateway(fair_config("vtc", max_queue_per_tenant=1, queue_timeout_s=0.3))
+    server, gw = await start_gateway(
+        fair_config("vtc", max_queue_per_tenant=1, queue_timeout_s=0.3)
+    )
     acme = client_for(server, ACME)
     hold = asyncio.create_task(chat(acme, 100))  # ~0.8 s
-    await asyncio.sleep(0.05)
+    await wait_for(lambda: saturated(gw))
     waiting = asyncio.create_task(chat(acme, 4))
-    await asyncio.sleep(0.05)
+    await wait_for(lambda: backlog(gw) == 1)
     with pytest.raises(openai.RateLimitError) as full:
         await chat(acme, 4)
     assert isinstance(full.value.body, dict) and full.value.body["code"] == "queue_full"
@@ -157,7 +181,7 @@ async def test_client_that_leaves_the_queue_frees_its_place(
     server, gw = await start_gateway(fair_config("wsc"))
     acme = client_for(server, ACME)
     hold = asyncio.create_task(chat(acme, 60))
-    await asyncio.sleep(0.05)
+    await wait_for(lambda: saturated(gw))
     body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 4}
     url = server.make_url("/v1/chat/completions")
 
@@ -166,20 +190,17 @@ async def test_client_that_leaves_the_queue_frees_its_place(
             pass
 
     leaver = asyncio.create_task(post())
-    await asyncio.sleep(0.1)
-    assert gw.gate.dispatcher.policy(MODEL).backlog("acme") == 1
+    await wait_for(lambda: backlog(gw) == 1)
     leaver.cancel()
-    for _ in range(200):  # the handler is cancelled when the server sees the socket close
-        if not gw.gate.dispatcher.policy(MODEL).backlog("acme"):
-            break
-        await asyncio.sleep(0.01)
-    assert gw.gate.dispatcher.policy(MODEL).backlog("acme") == 0
+    # The handler is cancelled when the server sees the socket close.
+    await wait_for(lambda: backlog(gw) == 0)
     await hold
     text = await (await http.get(server.make_url("/metrics"))).text()
     assert scrape(text, "fairway_dropped_requests_total", reason="client_gone") == 1
     assert scrape(text, "fairway_queue_depth", tenant="acme") == 0
     assert scrape(text, "fairway_service_counter", tenant="acme") > 0
-    assert gw.gate.dispatcher.load["us-east/llama-3.1-8b/0"].running == 0
+    assert gw.gate.core.ledger.in_flight("us-east/llama-3.1-8b/0") == 0
+    assert gw.gate.core.ledger.total() == 0
 
 
 async def test_admin_view_needs_the_admin_key(
@@ -219,17 +240,21 @@ async def redis_url(tmp_path: Any) -> Any:
     )  # fmt: skip
     import redis.asyncio as aioredis
 
-    r = aioredis.from_url(f"redis://127.0.0.1:{port}/0")
-    for _ in range(100):
-        try:
-            await r.ping()
-            break
-        except Exception:
-            await asyncio.sleep(0.05)
-    await r.aclose()
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    await proc.wait()
+    try:
+        r = aioredis.from_url(f"redis://127.0.0.1:{port}/0")
+        deadline = asyncio.get_running_loop().time() + 5.0
+        while True:  # until it answers a ping
+            try:
+                await r.ping()
+                break
+            except Exception:
+                assert asyncio.get_running_loop().time() < deadline, "redis-server did not start"
+                await asyncio.sleep(0.02)
+        await r.aclose()
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        await proc.wait()
 
 
 async def test_two_replicas_share_one_limit_through_redis(
@@ -238,9 +263,9 @@ async def test_two_replicas_share_one_limit_through_redis(
     cfg = fair_config("wsc")
     cfg["tenants"]["acme"].update(tokens_per_minute=60, burst_tokens=60)  # one token a second
     cfg["state"] = {"backend": "redis", "redis_url": redis_url}
-    (s1, _), (s2, _) = await start_gateway(cfg), await start_gateway(cfg)
+    (s1, g1), (s2, g2) = await start_gateway(cfg), await start_gateway(cfg)
     holds = [asyncio.create_task(chat(client_for(s, GLOBEX), 60)) for s in (s1, s2)]
-    await asyncio.sleep(0.05)  # both replicas are overloaded now
+    await wait_for(lambda: saturated(g1) and saturated(g2))  # both replicas are overloaded
     # ~12 tokens each, alternating replicas: one bucket of 60 between them admits five.
     calls = [chat(client_for((s1, s2)[i % 2], ACME), 4) for i in range(8)]
     results = await asyncio.gather(*calls, return_exceptions=True)
@@ -262,11 +287,11 @@ async def test_unreachable_redis_fails_open(start_gateway: GatewayFactory) -> No
 async def test_a_refused_first_call_opens_no_interaction(start_gateway: GatewayFactory) -> None:
     cfg = fair_config("wsc")
     cfg["tenants"]["acme"].update(tokens_per_minute=600, burst_tokens=20)
-    server, _ = await start_gateway(cfg)
+    server, gw = await start_gateway(cfg)
     acme, globex = client_for(server, ACME), client_for(server, GLOBEX)
     await chat(acme, 16)  # empties the bucket while all is calm
     hold = asyncio.create_task(chat(globex, 60))
-    await asyncio.sleep(0.05)
+    await wait_for(lambda: saturated(gw))
     hdr = {"X-Fairway-Interaction": "fresh-task"}
     for _ in range(2):  # retrying the refused opening call does not make it a continuation
         with pytest.raises(openai.RateLimitError):

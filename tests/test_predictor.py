@@ -19,24 +19,23 @@ from gateway.cli import main
 from gateway.lengths.featurelog import NAME, FeatureLog
 from gateway.lengths.features import CATEGORICAL, TARGET
 from gateway.lengths.predictor import PRIOR_MEDIAN, LengthModel, LengthPredictor
+from gateway.lengths.service import LengthService
 from gateway.lengths.train import fit, read_logs, save, train_and_report
 from tests.conftest import ACME, MODEL, GatewayFactory, config_dict
 
 
 def synthetic_log(path: Path, n: int = 500, seed: int = 0) -> list[dict[str, Any]]:
+    """The feature log the gateway's length service writes for `n` synthetic requests."""
     rng = random.Random(seed)
     rows = [Row(i * 0.1, rng.randint(50, 3000), rng.randint(5, 800)) for i in range(n)]
-    pred = LengthPredictor()
-    log = FeatureLog(path)
+    service = LengthService(LengthPredictor(), FeatureLog(path))
     recs = []
     for i, r in enumerate(requests(rows, seed * 10_000)):
-        rec = make_job(str(i), r.t, r.tenant, r.app, r.body, r.output_tokens).info[1]
-        pred.with_history(rec)
-        rec[TARGET] = r.output_tokens
-        log.write(rec)
-        pred.observe(rec, r.output_tokens)
-        recs.append(rec)
-    log.close()
+        req = make_job(str(i), r.t, r.tenant, r.app, r.body, r.output_tokens).info
+        info, rec = service.annotate(req.info, req.body)
+        service.finish(info, rec, r.output_tokens)
+        recs.append({**rec, TARGET: r.output_tokens})
+    service.close()
     return recs
 
 

@@ -14,7 +14,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from gateway.fleet.health import probe
-from gateway.http.app import Gateway
+from gateway.http.state import Gateway
 from tests.conftest import ACME, MODEL, config_dict, free_port, scrape, start_sim
 
 Served = tuple[TestServer, Gateway]
@@ -74,7 +74,7 @@ async def test_client_disconnect_aborts_upstream(
             )
 
         await wait_for(aborted)
-        assert gw.registry.engines["us-east/llama-3.1-8b/0"].in_flight == 0
+        assert gw.gate.core.ledger.in_flight("us-east/llama-3.1-8b/0") == 0
         assert scrape(await engine_metrics(http, url), "vllm:kv_cache_usage_perc") == 0
     # A client that hangs up is not a server error: no traceback anywhere.
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]

@@ -56,7 +56,7 @@ vllm:kv_cache_usage_perc{model_name="m"} NaN
 
 
 def snap(eid: str, in_flight: int, waiting: int = 0) -> EngineSnapshot:
-    return EngineSnapshot(eid, "r", "m", True, 0, waiting, 0.0, in_flight, 0)
+    return EngineSnapshot(id=eid, region="r", model="m", waiting=waiting, in_flight=in_flight)
 
 
 def test_least_outstanding_prefers_idle_then_rotates() -> None:

@@ -23,7 +23,7 @@ OUTPUT_LOG_MEAN = 5.02
 OUTPUT_LOG_SIGMA = 0.86
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SimEngineConfig:
     model: str  # the name it serves under
     arch: str  # performance-model preset, see engines.perf_model.MODELS

@@ -221,6 +221,7 @@ class Admission:
         ticket = Ticket(
             info.id, info.tenant, info.app, info.prompt_tokens, out, now, tenant.weight,
             unit_cost(app, self.prices), continuing,
+            predicted_output=info.predicted_output_tokens or 0,
         )  # fmt: skip
         return Admitting(bucket_keys(tenant, app), cost, need, enforce, ticket)
 

@@ -12,25 +12,12 @@ in a job; both call the same `Dispatcher`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from enum import Enum
 
 from gateway.config.schema import Config
 from gateway.core.fairness import FairnessPolicy, Prices, Ticket, make_policy
-from gateway.core.ledger import EngineSnapshot
-
-
-@dataclass(frozen=True, slots=True)
-class EngineLimit:
-    max_running: int
-    max_tokens: int = 0  # prompt + expected output tokens in flight; 0 = no limit
-
-
-@dataclass(slots=True)
-class Load:
-    running: int = 0
-    tokens: int = 0
+from gateway.core.ledger import EngineSnapshot, Ledger
 
 
 class Decision(Enum):
@@ -42,29 +29,34 @@ class Decision(Enum):
 
 Route = Callable[[Ticket, list[EngineSnapshot]], str]
 Snapshots = Callable[[str], list[EngineSnapshot]]
+Routable = Callable[[str], Iterable[str]]
 
 
 class Dispatcher:
-    """Fairness queues per model over the gateway's own count of engine load."""
+    """Fairness queues per model over the ledger's count of engine load.
+
+    `snapshots(model)` gives the engines that may take new requests, with the ledger's load;
+    it is called once per decision, and the router sees that same list. `routable(model)`
+    names the same engines without building snapshots (for OIT's utilisation check)."""
 
     def __init__(
         self,
         policy: Callable[[str], FairnessPolicy],
-        limits: Mapping[str, EngineLimit],
+        ledger: Ledger,
         snapshots: Snapshots,
         route: Route,
         max_queue_per_tenant: int,
         overload_at: float = 1.0,
+        routable: Routable | None = None,
     ) -> None:
         self._new_policy = policy
-        self.limits = limits
+        self.routable: Routable = routable or (lambda m: [s.id for s in snapshots(m)])
+        self.ledger = ledger
         self.snapshots = snapshots
         self.route = route
         self.max_queue = max_queue_per_tenant
         self.overload_at = overload_at
         self.policies: dict[str, FairnessPolicy] = {}
-        self.load: dict[str, Load] = {eid: Load() for eid in limits}
-        self.engine_of: dict[str, str] = {}  # rid -> engine, while in flight
 
     def policy(self, model: str) -> FairnessPolicy:
         p = self.policies.get(model)
@@ -72,34 +64,19 @@ class Dispatcher:
             p = self.policies[model] = self._new_policy(model)
         return p
 
-    def _room(self, engine: str, t: Ticket) -> bool:
-        lim, load = self.limits[engine], self.load[engine]
-        if load.running >= lim.max_running:
-            return False
-        # An engine with nothing in flight takes any request: a huge one must not wait forever.
-        cost = t.prompt_tokens + t.expected_output
-        return not lim.max_tokens or load.running == 0 or load.tokens + cost <= lim.max_tokens
-
-    def open_engines(
-        self, model: str, t: Ticket, healthy: list[EngineSnapshot] | None = None
-    ) -> list[EngineSnapshot]:
-        """The healthy engines of `model` with room for `t` (`healthy`: snapshots already
-        taken for this decision)."""
-        snaps = self.snapshots(model) if healthy is None else healthy
-        return [s for s in snaps if s.id in self.limits and self._room(s.id, t)]
+    def open_engines(self, t: Ticket, engines: list[EngineSnapshot]) -> list[EngineSnapshot]:
+        """Those of `engines` with room for `t`."""
+        loads, cost = self.ledger.loads, t.prompt_tokens + t.expected_output
+        return [s for s in engines if (load := loads.get(s.id)) is not None and load.has_room(cost)]
 
     def utilisation(self, model: str) -> float:
-        """In-flight load over the limits of the model's healthy engines, 0..1 (or more)."""
+        """In-flight load over the limits of the model's routable engines, 0..1 (or more)."""
         used = cap = 0.0
-        for s in self.snapshots(model):
-            lim, load = self.limits.get(s.id), self.load.get(s.id)
-            if lim is None or load is None:
-                continue
-            share = load.running / lim.max_running
-            if lim.max_tokens:
-                share = max(share, load.tokens / lim.max_tokens)
-            used += share
-            cap += 1.0
+        for engine in self.routable(model):
+            load = self.ledger.loads.get(engine)
+            if load is not None:
+                used += load.share()
+                cap += 1.0
         return used / cap if cap else 1.0
 
     def overloaded(self, model: str) -> bool:
@@ -109,13 +86,13 @@ class Dispatcher:
         return bool(self.policy(model).waiting()) or self.utilisation(model) >= self.overload_at
 
     def submit(self, t: Ticket, model: str, now: float) -> tuple[Decision, str]:
-        """A request arrives. START comes with its engine, already reserved."""
+        """A request arrives. START comes with its engine, already charged in the ledger."""
         policy = self.policy(model)
         healthy = self.snapshots(model)
         if not healthy:
             return Decision.UNAVAILABLE, ""
         if not policy.waiting() and policy.may_start(t.tenant, now):
-            engines = self.open_engines(model, t, healthy)
+            engines = self.open_engines(t, healthy)
             if engines:
                 return Decision.START, self._start(t, model, engines, now)
         if policy.backlog(t.tenant) >= self.max_queue:
@@ -125,10 +102,9 @@ class Dispatcher:
 
     def _start(self, t: Ticket, model: str, engines: list[EngineSnapshot], now: float) -> str:
         engine = self.route(t, engines)
-        load = self.load[engine]
-        load.running += 1
-        load.tokens += t.prompt_tokens + t.expected_output
-        self.engine_of[t.rid] = engine
+        self.ledger.charge(t.handle, engine, prompt_tokens=t.prompt_tokens,
+                           decode_tokens=t.predicted_output,
+                           kv_tokens=t.prompt_tokens + t.expected_output, now=now)  # fmt: skip
         self.policy(model).charge_admission(t, now)
         return engine
 
@@ -143,11 +119,7 @@ class Dispatcher:
         self, t: Ticket, model: str, prompt_tokens: int, output_tokens: int, now: float
     ) -> list[tuple[Ticket, str]]:
         """A started request ended; returns the waiting requests that start in its place."""
-        engine = self.engine_of.pop(t.rid, None)
-        if engine is not None:
-            load = self.load[engine]
-            load.running -= 1
-            load.tokens -= t.prompt_tokens + t.expected_output
+        self.ledger.release(t.handle)
         self.policy(model).on_finish(t, prompt_tokens, output_tokens)
         return self.poll(model, now)
 
@@ -160,7 +132,7 @@ class Dispatcher:
             t = policy.pop_next(now)
             if t is None:
                 break
-            engines = self.open_engines(model, t)
+            engines = self.open_engines(t, self.snapshots(model))
             if not engines:
                 # The pick does not fit anywhere yet: it keeps its turn (no skipping ahead).
                 policy.enqueue_front(t)
@@ -169,17 +141,25 @@ class Dispatcher:
         return started
 
 
-def build_dispatcher(cfg: Config, snapshots: Snapshots, route: Route) -> Dispatcher:
-    """The dispatcher `cfg` describes; the gateway and the simulator build it the same way."""
-    f = cfg.fairness
+def build_dispatcher(
+    cfg: Callable[[], Config],
+    ledger: Ledger,
+    snapshots: Snapshots,
+    route: Route,
+    routable: Routable | None = None,
+) -> Dispatcher:
+    """The dispatcher the config `cfg()` describes (read again at each use, so a reload
+    applies); the gateway and the simulator build it the same way."""
+    f = cfg().fairness
     prices = Prices(f.input_price, f.output_price)
 
     def rpm(tenant: str) -> int:
-        t = cfg.tenants.get(tenant)
-        return t.rpm if t is not None and t.rpm else f.rpm_limit
+        c = cfg()
+        t = c.tenants.get(tenant)
+        return t.rpm if t is not None and t.rpm else c.fairness.rpm_limit
 
     def policy(model: str) -> FairnessPolicy:
         return make_policy(f.policy, prices, rpm)
 
-    limits = {e.id: EngineLimit(e.max_running, e.max_kv_tokens) for e in cfg.engines}
-    return Dispatcher(policy, limits, snapshots, route, f.max_queue_per_tenant, f.overload_at)
+    return Dispatcher(policy, ledger, snapshots, route, f.max_queue_per_tenant, f.overload_at,
+                      routable)  # fmt: skip

@@ -41,6 +41,8 @@ class Ticket:
     payload: Any = None  # the caller's handle: a future in the gateway, a job in the simulator
     seq: int = 0  # arrival order, set by the policy
     charged_prompt: int = 0  # prompt tokens charged at admission, settled at the end
+    handle: int = 0  # the gate core's key for the request in the ledger
+    predicted_output: int = 0  # the length predictor's median (0: none), for the router
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,16 +352,23 @@ class Wsc(Vtc):
         return (not first, counter, head.seq)
 
 
-POLICY_NAMES = ("fcfs", "rpm", "vtc", "wsc")
+# (prices, the per-tenant limit of policy "rpm") -> a policy.
+PolicyFactory = Callable[[Prices, Callable[[str], int]], FairnessPolicy]
+
+# Every policy `[fairness] policy` may name. Config validation and `make_policy` both read this
+# table, so that a new policy is one entry here.
+POLICIES: dict[str, PolicyFactory] = {
+    "fcfs": lambda prices, rpm_limit: Fcfs(prices),
+    "rpm": lambda prices, rpm_limit: RpmLimit(rpm_limit, prices),
+    "vtc": lambda prices, rpm_limit: Vtc(prices),
+    "wsc": lambda prices, rpm_limit: Wsc(prices),
+}
+POLICY_NAMES: tuple[str, ...] = tuple(POLICIES)
 
 
 def make_policy(name: str, prices: Prices, rpm_limit: Callable[[str], int]) -> FairnessPolicy:
-    if name == "fcfs":
-        return Fcfs(prices)
-    if name == "rpm":
-        return RpmLimit(rpm_limit, prices)
-    if name == "vtc":
-        return Vtc(prices)
-    if name == "wsc":
-        return Wsc(prices)
-    raise ValueError(f"unknown fairness policy {name!r}; known: {', '.join(POLICY_NAMES)}")
+    """The policy registered as `name`; `rpm_limit(tenant)` is what policy "rpm" allows."""
+    factory = POLICIES.get(name)
+    if factory is None:
+        raise ValueError(f"unknown fairness policy {name!r}; known: {', '.join(POLICY_NAMES)}")
+    return factory(prices, rpm_limit)

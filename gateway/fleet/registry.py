@@ -1,68 +1,88 @@
-"""The fleet as the gateway sees it: engines by model, their health and their load.
+"""The fleet as the gateway sees it: engines by model, their health, state and scraped load.
 
-`EngineState` is mutable and owned by the gateway's event loop; policies only ever see the
-frozen `EngineSnapshot` taken from it.
+`EngineState` is mutable and owned by the gateway's event loop; what the gateway has in
+flight there is the gate core's ledger (`gateway.core.ledger`), not counted here. Engines
+join, drain and leave while the gateway serves: `add` and `remove` keep every index in step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from enum import StrEnum
 
-from gateway.core.ledger import EngineSnapshot
+
+class EngineMode(StrEnum):
+    ACTIVE = "active"
+    DRAINING = "draining"  # takes no new requests; removed when its last stream ends
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(slots=True, eq=False, kw_only=True)
 class EngineState:
     id: str
     region: str
     model: str
     url: str
+    kind: str = "vllm"
     api_key: str | None = None
+    mode: EngineMode = EngineMode.ACTIVE
     healthy: bool = True
     failures: int = 0  # consecutive failed probes or connections
     successes: int = 0  # consecutive good probes while ejected
     running: int = 0
     waiting: int = 0
     kv_usage: float = 0.0
-    in_flight: int = 0
-    in_flight_prompt_tokens: int = 0
-    in_flight_decode_tokens: int = 0
-    recent_prompt_rate: float = 0.0
-    recent_prompt_at: float = 0.0
 
-    def snapshot(self) -> EngineSnapshot:
-        return EngineSnapshot(
-            self.id, self.region, self.model, self.healthy, self.running, self.waiting,
-            self.kv_usage, self.in_flight, self.in_flight_prompt_tokens,
-            self.in_flight_decode_tokens, self.recent_prompt_rate, self.recent_prompt_at,
-        )  # fmt: skip
+    @property
+    def routable(self) -> bool:
+        """New requests may go here."""
+        return self.healthy and self.mode is EngineMode.ACTIVE
+
+    @property
+    def state(self) -> str:
+        """`active`, `draining` or `ejected` (unhealthy), as the admin API shows it."""
+        if self.mode is EngineMode.DRAINING:
+            return "draining"
+        return "active" if self.healthy else "ejected"
 
 
 class EngineRegistry:
     """Engines grouped by model, with passive (proxy errors) and active (probes) health."""
 
     def __init__(
-        self, engines: Iterable[EngineState], unhealthy_after: int = 2, healthy_after: int = 1
+        self, engines: Iterable[EngineState] = (), unhealthy_after: int = 2, healthy_after: int = 1
     ) -> None:
         self.engines: dict[str, EngineState] = {}
         self.by_model: dict[str, list[EngineState]] = {}
         for e in engines:
-            self.engines[e.id] = e
-            self.by_model.setdefault(e.model, []).append(e)
+            self.add(e)
         self.unhealthy_after = unhealthy_after
         self.healthy_after = healthy_after
 
+    def add(self, engine: EngineState) -> None:
+        if engine.id in self.engines:
+            raise ValueError(f"engine {engine.id!r} is already in the fleet")
+        self.engines[engine.id] = engine
+        self.by_model.setdefault(engine.model, []).append(engine)
+
+    def remove(self, engine_id: str) -> EngineState | None:
+        e = self.engines.pop(engine_id, None)
+        if e is not None:
+            same = self.by_model[e.model]
+            same.remove(e)
+            if not same:
+                del self.by_model[e.model]
+        return e
+
     @property
     def models(self) -> list[str]:
-        return sorted(self.by_model)
+        """Models that at least one engine taking new requests serves."""
+        return sorted(m for m, es in self.by_model.items() if any(e.mode is EngineMode.ACTIVE
+                                                                  for e in es))  # fmt: skip
 
-    def snapshots(self, model: str, exclude: Iterable[str] = ()) -> list[EngineSnapshot]:
-        """Healthy engines of `model`, less those already tried for this request."""
-        skip = set(exclude)
-        return [
-            e.snapshot() for e in self.by_model.get(model, ()) if e.healthy and e.id not in skip
-        ]
+    def engines_of(self, model: str) -> list[EngineState]:
+        """Every engine of `model`, in the order they joined (routable or not)."""
+        return self.by_model.get(model, [])
 
     def probe_ok(self, engine: EngineState) -> bool:
         """Record a good probe; returns True when it re-admits the engine."""

@@ -79,6 +79,11 @@ class GatewayMetrics:
             "Requests refused with 429 by the token buckets while their model was overloaded.",
             ["tenant", "app"], registry=reg,
         )  # fmt: skip
+        self.config_reloads = Counter(
+            "fairway_config_reloads",
+            "Config reloads (SIGHUP or POST /admin/reload) by result: ok or error.",
+            ["result"], registry=reg,
+        )  # fmt: skip
         self.dropped = Counter(
             "fairway_dropped_requests",
             "Requests that left the fairness queue without running (queue_full, timeout, "

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from engines.perf_model import PerfModel
 from gateway.core.ledger import EngineSnapshot
 from gateway.core.request import RequestInfo
-from gateway.routing.policies import BASELINES, POLICY_NAMES, RoutingPolicy
+from gateway.routing.policies import BASELINES, POLICY_NAMES, PREDICTED_LATENCY, RoutingPolicy
 
 # A request the predictor knows nothing about: the median output of the Azure conversation
 # trace (docs/ENGINE.md).
@@ -165,6 +165,14 @@ class PredictedLatency:
         self._turn = 0
         self._consts: dict[str, tuple[float, float, float, float, float, int, int, int]] = {}
 
+    def set_profile(self, engine: str, profile: EngineProfile | None) -> None:
+        """An engine joined (or changed) with this performance profile; None: it left."""
+        if profile is None:
+            self.profiles.pop(engine, None)
+        else:
+            self.profiles[engine] = profile
+        self._consts.pop(engine, None)
+
     def choose(self, request: RequestInfo, engines: Sequence[EngineSnapshot]) -> str:
         if request.preferred_regions:
             engines = prefer_regions(
@@ -267,9 +275,11 @@ def build_policy(
     profiles: Mapping[str, EngineProfile] | None = None,
     region_threshold: float = 0.7,
 ) -> RoutingPolicy:
-    """The policy named in `[routing] policy`; `profiles` are the engines' perf models."""
-    if name == PredictedLatency.name:
+    """The policy named in `[routing] policy` (one of `POLICY_NAMES`); `profiles` are the
+    engines' perf models. KeyError for a name that is not registered."""
+    if name == PREDICTED_LATENCY:
         return PredictedLatency(profiles, region_threshold=region_threshold)
-    if name not in BASELINES:
+    factory = BASELINES.get(name)
+    if factory is None:
         raise KeyError(f"unknown routing policy {name!r}; known: {', '.join(POLICY_NAMES)}")
-    return BASELINES[name]()
+    return factory()

@@ -104,6 +104,9 @@ class PowerOfTwo:
         return a.id if (a.in_flight, a.waiting) <= (b.in_flight, b.waiting) else b.id
 
 
+# The registry of routing policies by their `[routing] policy` names: config validation and
+# `gateway.routing.latency.build_policy` both read it, so that a new baseline is one entry here.
+# Baselines need nothing to be built.
 BASELINES: Mapping[str, Callable[[], RoutingPolicy]] = {
     RoundRobin.name: RoundRobin,
     ShortestQueue.name: ShortestQueue,
@@ -111,5 +114,7 @@ BASELINES: Mapping[str, Callable[[], RoutingPolicy]] = {
     PowerOfTwo.name: PowerOfTwo,
     LeastOutstanding.name: LeastOutstanding,
 }
+# The workload-aware policy needs the engines' performance profiles; it lives in
+# gateway.routing.latency, which imports this module, so only its name is registered here.
 PREDICTED_LATENCY = "predicted-latency"
 POLICY_NAMES: tuple[str, ...] = (PREDICTED_LATENCY, *BASELINES)

@@ -1,9 +1,12 @@
 """A lean HTTP/1.1 client for engines: keep-alive pools and callback-driven streaming bodies.
 
 A streamed completion is one small chunk per token, so the proxy's cost per chunk is its cost.
-Here a decoded body chunk is handed to a synchronous sink straight from `data_received`: no
-stream reader, no future and no task switch per token. Requests are always `POST` with a
-`Content-Length` body; responses may be chunked, sized, or delimited by the connection closing.
+Responses are parsed by llhttp (through httptools) with its strict defaults, and a decoded body
+chunk is handed to a synchronous sink straight from `data_received`: no stream reader, no future
+and no task switch per token. Requests are always `POST` with a `Content-Length` body;
+responses may be chunked, sized, or delimited by the connection closing. Anything llhttp
+refuses, and a response carrying both `Content-Length` and `Transfer-Encoding`, fails the
+exchange and closes its connection.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ import time
 from collections import deque
 from collections.abc import Callable
 from typing import cast
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
+
+from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 Sink = Callable[[bytes], None]
 MAX_HEAD = 64 * 1024
@@ -40,11 +45,14 @@ class Exchange(asyncio.Protocol):
         self.pool = pool
         self.key = key
         self.transport: asyncio.Transport | None = None
+        # One parser per connection: after a complete keep-alive response it awaits the next.
+        self._parser = HttpResponseParser(self)
+        self._pieces: list[bytes] = []  # body bytes parsed from the current read
         self._reset()
 
     def _reset(self) -> None:
         loop = self.pool.loop
-        self.status = 0
+        self.status = 0  # set once the final (non-1xx) response head is in
         self.headers: dict[str, str] = {}
         self.head_ready: asyncio.Future[None] = loop.create_future()
         self.done: asyncio.Future[None] = loop.create_future()
@@ -52,11 +60,9 @@ class Exchange(asyncio.Protocol):
         self.keep_alive = True
         self.sink: Sink | None = None
         self.body: list[bytes] = []
-        self._buf = b""
-        self._in_head = True
-        self._chunked = False
-        self._remaining = -1  # bytes left of a sized body; -1 until the connection closes
-        self._chunk_left = 0  # bytes left of the current chunk; -1 reading trailers
+        self._complete = False  # llhttp has seen the final response's end
+        self._until_close = False  # the body has no length: it ends when the connection does
+        self._head_size = 0
         self.last_activity = time.monotonic()
 
     # asyncio.Protocol ---------------------------------------------------------------------
@@ -69,13 +75,15 @@ class Exchange(asyncio.Protocol):
         self.pool._forget(self)
         if self.done.done():
             return
-        if not self._in_head and not self._chunked and self._remaining < 0:
-            self._finish()  # body delimited by the connection closing
+        if self.status and self._until_close:
+            self._finish()
             return
-        err = (ConnectFailed if not self.got_bytes else UpstreamError)(
-            f"engine closed the connection: {exc!r}" if exc else "engine closed the connection"
-        )
-        self._fail(err)
+        why = "engine closed the connection"
+        if self.got_bytes:
+            why += " before the response ended" if self.status else " mid-head"
+        if exc is not None:
+            why += f": {exc!r}"
+        self._fail((UpstreamError if self.got_bytes else ConnectFailed)(why))
 
     def data_received(self, data: bytes) -> None:
         self.got_bytes = True
@@ -86,113 +94,89 @@ class Exchange(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
             return
-        if self._buf:
-            data = self._buf + data
-            self._buf = b""
-        if self._in_head:
-            end = data.find(b"\r\n\r\n")
-            if end == -1:
-                if len(data) > MAX_HEAD:
-                    self._fail(UpstreamError("response head too large"))
-                else:
-                    self._buf = data
+        try:
+            self._parser.feed_data(data)
+        except HttpParserUpgrade:
+            self._pieces.clear()
+            self._fail(UpstreamError("malformed response: engine switched protocols"))
+            return
+        except HttpParserError as exc:
+            if not self._complete:
+                self._pieces.clear()
+                # A refusal raised from a callback travels as the parser error's context.
+                why = exc.__context__ if isinstance(exc.__context__, UpstreamError) else exc
+                self._fail(UpstreamError(f"malformed response: {why}"))
                 return
-            try:
-                self._parse_head(data[:end])
-            except (ValueError, IndexError) as exc:
-                self._fail(UpstreamError(f"malformed response head: {exc}"))
-                return
-            data = data[end + 4 :]
-            if self.status < 200:  # 1xx: wait for the real response
-                self.status = 0
-                if data:
-                    self.data_received(data)
-                return
-            self._in_head = False
-            self.head_ready.set_result(None)
-            if self._remaining == 0:
-                self._finish()
-                return
-        if self._chunked:
-            self._chunks(data)
-        else:
-            if self._remaining >= 0:
-                data, extra = data[: self._remaining], data[self._remaining :]
-                self._remaining -= len(data)
-                if extra:
-                    self.keep_alive = False
-            self._deliver(data)
-            if self._remaining == 0:
-                self._finish()
+            self.keep_alive = False  # bytes after the response's end
+        if self._pieces:
+            self._flush()
+        if self._complete:
+            self._finish()
+        elif not self.status:
+            self._head_size += len(data)
+            if self._head_size > MAX_HEAD:
+                self._fail(UpstreamError("response head too large"))
 
     def eof_received(self) -> bool | None:
         return None  # close our side too; connection_lost decides what it meant
 
-    # parsing ------------------------------------------------------------------------------
+    # httptools callbacks, run inside feed_data -------------------------------------------
 
-    def _parse_head(self, head: bytes) -> None:
-        lines = head.decode("latin-1").split("\r\n")
-        version, status, *_ = lines[0].split(" ", 2)
-        if not version.startswith("HTTP/1."):
-            raise ValueError(f"not an HTTP/1.x status line: {lines[0]!r}")
-        self.status = int(status)
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            self.headers[name.strip().lower()] = value.strip()
-        conn = self.headers.get("connection", "").lower()
-        self.keep_alive = "close" not in conn and (version == "HTTP/1.1" or "keep-alive" in conn)
-        if "chunked" in self.headers.get("transfer-encoding", "").lower():
-            self._chunked = True
-        elif "content-length" in self.headers:
-            self._remaining = int(self.headers["content-length"])
-        elif self.status in (204, 304):
-            self._remaining = 0
-        else:
-            self.keep_alive = False  # read until the connection closes
+    def on_message_begin(self) -> None:
+        if self._complete:
+            # Stops llhttp before a second response could overwrite this one's state.
+            raise UpstreamError("data after the end of the response")
+        self.headers.clear()  # a 1xx response's headers do not carry over to the final one
 
-    def _chunks(self, data: bytes) -> None:
-        out: list[bytes] = []
-        pos, n = 0, len(data)
-        while pos < n:
-            if self._chunk_left > 0:  # inside a chunk's data
-                take = min(self._chunk_left, n - pos)
-                out.append(data[pos : pos + take])
-                pos += take
-                self._chunk_left -= take
-                if self._chunk_left == 0:
-                    self._chunk_left = -2  # expect the CRLF after the data
-                continue
-            eol = data.find(b"\r\n", pos)
-            if eol == -1:
-                self._buf = data[pos:]
-                break
-            line = data[pos:eol]
-            pos = eol + 2
-            if self._chunk_left == -2:  # the CRLF closing a chunk's data
-                self._chunk_left = 0
-                continue
-            if self._chunk_left == -1:  # trailers, until an empty line
-                if not line:
-                    self._deliver(b"".join(out))
-                    self._finish()
-                    return
-                continue
-            try:
-                size = int(line.split(b";", 1)[0], 16)
-            except ValueError:
-                self._fail(UpstreamError(f"bad chunk size line {line[:40]!r}"))
-                return
-            self._chunk_left = size if size else -1
-        if out:
-            self._deliver(out[0] if len(out) == 1 else b"".join(out))
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.status:
+            return  # a chunked body's trailer
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1").strip()
+        old = self.headers.get(key)
+        self.headers[key] = text if old is None else f"{old}, {text}"
 
-    def _deliver(self, data: bytes) -> None:
-        if not data:
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if status < 200:
+            return  # 100 Continue, 103 Early Hints...: the final response follows
+        version = self._parser.get_http_version()
+        if version not in ("1.0", "1.1"):
+            raise UpstreamError(f"HTTP/{version} is not HTTP/1.x")
+        te = self.headers.get("transfer-encoding")
+        if te is not None:
+            # llhttp refuses both together already; checked again because a leniency flag
+            # would reopen request smuggling, and any coding but chunked would reach the
+            # client undecoded.
+            if "content-length" in self.headers:
+                raise UpstreamError("both Content-Length and Transfer-Encoding")
+            if te.lower() != "chunked":
+                raise UpstreamError(f"unsupported Transfer-Encoding {te!r}")
+        self._until_close = te is None and "content-length" not in self.headers
+        self.keep_alive = self._parser.should_keep_alive()
+        self.status = status
+        self.head_ready.set_result(None)
+
+    def on_body(self, body: bytes) -> None:
+        # Collected and handed on once per read, so a read holding many chunks costs one
+        # sink call (one client write) rather than one per chunk.
+        self._pieces.append(body)
+
+    def on_message_complete(self) -> None:
+        if self.status:
+            self._complete = True
+
+    # delivery -----------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        pieces = self._pieces
+        if self.sink is None:
+            self.body += pieces
+            pieces.clear()
             return
-        if self.sink is not None:
-            self.sink(data)
-        else:
-            self.body.append(data)
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        pieces.clear()
+        self.sink(data)
 
     def _finish(self) -> None:
         if not self.done.done():
@@ -270,10 +254,7 @@ class UpstreamPool:
         """Send a POST and wait for the response head. Raises ConnectFailed, ReadTimeout or
         UpstreamError; ConnectFailed means the engine saw nothing and another may be tried."""
         url = urlsplit(base_url)
-        tls = url.scheme == "https"
-        host = url.hostname or "127.0.0.1"
-        port = url.port or (443 if tls else 80)
-        key = (host, port, tls)
+        key = _key(url)
         head = [f"POST {url.path.rstrip('/')}{path} HTTP/1.1", f"Host: {url.netloc}",
                 f"Content-Length: {len(body)}"]  # fmt: skip
         head += [f"{k}: {v}" for k, v in headers.items()]
@@ -298,6 +279,11 @@ class UpstreamPool:
                 self._busy.discard(ex)
                 ex.abort()
                 raise
+
+    def forget(self, base_url: str) -> None:
+        """Close the idle connections to `base_url` (its engine left the fleet)."""
+        for ex in self._idle.pop(_key(urlsplit(base_url)), deque()):
+            ex.abort()
 
     def done_with(self, ex: Exchange) -> None:
         self._busy.discard(ex)
@@ -362,3 +348,8 @@ class UpstreamPool:
             ex.abort()
         self._idle.clear()
         self._busy.clear()
+
+
+def _key(url: SplitResult) -> tuple[str, int, bool]:
+    tls = url.scheme == "https"
+    return url.hostname or "127.0.0.1", url.port or (443 if tls else 80), tls

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,8 +25,6 @@ from gateway.core.errors import ApiError
 from gateway.core.request import RequestInfo
 from gateway.fleet.registry import EngineRegistry, EngineState
 from gateway.obs.metrics import GatewayMetrics
-from gateway.routing.latency import add_prompt
-from gateway.routing.policies import RoutingPolicy
 from gateway.upstream.client import (
     ConnectFailed,
     Exchange,
@@ -50,7 +47,7 @@ class Outcome:
     usage: Usage = field(default_factory=Usage)
     events: int = 0
     ttft: float | None = None
-    headers: dict[str, str] = field(default_factory=dict)  # added to the response
+    headers: dict[str, str] = field(default_factory=dict)  # added to the response (and errors)
     on_events: Callable[[int], None] | None = None  # SSE events as they stream
 
 
@@ -78,17 +75,24 @@ class Proxy:
     def __init__(
         self,
         registry: EngineRegistry,
-        policy: RoutingPolicy,
         pool: UpstreamPool,
         metrics: GatewayMetrics,
         server: ServerConfig,
     ) -> None:
         self.registry = registry
-        self.policy = policy
         self.pool = pool
         self.metrics = metrics
         self.server = server
         self.log = structlog.get_logger("fairway.proxy")
+        self.live: dict[str, set[Exchange]] = {}  # per engine, exchanges under way
+
+    def abort_engine(self, engine_id: str) -> int:
+        """End every exchange under way at `engine_id` (it is leaving the fleet): streams end
+        with an error event, whole responses with a 502. Returns how many were ended."""
+        live = self.live.pop(engine_id, set())
+        for ex in live:
+            ex.abort()
+        return len(live)
 
     def _no_engine(self, model: str, tried: int) -> ApiError:
         why = f"after {tried} failed attempt(s)" if tried else "right now"
@@ -105,32 +109,29 @@ class Proxy:
         info: RequestInfo,
         body: dict[str, Any],
         out: Outcome,
-        first: str | None = None,
+        engine_id: str,
+        reroute: Callable[[list[str]], str | None],
     ) -> web.StreamResponse:
-        """Relay `info` to engine `first` (the dispatcher's pick) or to one the router picks;
-        retries go wherever the router says."""
+        """Relay `info` to engine `engine_id` (the gate's pick, charged there); when an engine
+        fails before answering, `reroute(tried)` moves the charge to another one."""
         if info.stream:
             opts = body.get("stream_options")
             body["stream_options"] = {**(opts or {}), "include_usage": True}
         payload = orjson.dumps(body)
         tried: list[str] = []
-        while out.attempts < self.server.max_attempts:
-            engines = self.registry.snapshots(info.model, exclude=tried)
-            if not engines:
-                break
-            if first is not None and any(e.id == first for e in engines):
-                engine = self.registry.engines[first]
-            else:
-                engine = self.registry.engines[self.policy.choose(info, engines)]
-            first = None
-            tried.append(engine.id)
-            out.attempts += 1
-            out.engine = engine.id
-            try:
-                return await self._attempt(request, info, engine, payload, out)
-            except _TryNext:
-                continue
-        raise self._no_engine(info.model, len(tried))
+        current: str | None = engine_id
+        while current is not None and out.attempts < self.server.max_attempts:
+            engine = self.registry.engines.get(current)
+            tried.append(current)
+            if engine is not None:
+                out.attempts += 1
+                out.engine = engine.id
+                try:
+                    return await self._attempt(request, info, engine, payload, out)
+                except _TryNext:
+                    pass
+            current = reroute(tried)
+        raise self._no_engine(info.model, out.attempts)
 
     async def _attempt(
         self,
@@ -140,52 +141,45 @@ class Proxy:
         payload: bytes,
         out: Outcome,
     ) -> web.StreamResponse:
-        headers = {"Content-Type": "application/json", "X-Request-Id": info.id}
+        # Unique per attempt, so an engine's own logs tell retries apart.
+        headers = {"Content-Type": "application/json",
+                   "X-Request-Id": f"{info.id}-{out.attempts}"}  # fmt: skip
         if engine.api_key:
             headers["Authorization"] = f"Bearer {engine.api_key}"
-        engine.in_flight += 1
-        engine.in_flight_prompt_tokens += info.prompt_tokens
-        engine.in_flight_decode_tokens += info.predicted_output_tokens or 0
-        engine.recent_prompt_rate, engine.recent_prompt_at = add_prompt(
-            engine.recent_prompt_rate, engine.recent_prompt_at, time.perf_counter(),
-            info.prompt_tokens,
-        )  # fmt: skip
         try:
-            try:
-                ex = await self.pool.request(engine.url, info.endpoint.path, payload, headers)
-            except ConnectFailed as exc:
-                self._connect_failed(info, engine, exc)
-                raise _TryNext from exc
-            except ReadTimeout:
-                out.status = 504
-                self._count_error(info, engine, "timeout")
-                raise ApiError(
-                    504, f"engine {engine.id} did not answer in time", code="upstream_timeout"
-                ) from None
-            except UpstreamError as exc:
-                self._count_error(info, engine, "protocol")
-                raise ApiError(
-                    502, f"engine {engine.id} failed: {exc}", code="upstream_error"
-                ) from None
-            try:
-                if ex.status >= 500:
-                    self._count_error(info, engine, "http_5xx")
-                    self.log.warning(
-                        "engine_error", engine=engine.id, status=ex.status, request_id=info.id
-                    )
-                    raise _TryNext
-                if ex.status != 200:
-                    out.status = ex.status
-                    raise _engine_rejection(ex.status, await self._read(ex, info, engine, out))
-                if info.stream:
-                    return await self._relay_stream(request, info, engine, ex, out)
-                return await self._relay_whole(info, engine, ex, out)
-            finally:
-                self.pool.done_with(ex)
+            ex = await self.pool.request(engine.url, info.endpoint.path, payload, headers)
+        except ConnectFailed as exc:
+            self._connect_failed(info, engine, exc)
+            raise _TryNext from exc
+        except ReadTimeout:
+            out.status = 504
+            self._count_error(info, engine, "timeout")
+            raise ApiError(
+                504, f"engine {engine.id} did not answer in time", code="upstream_timeout"
+            ) from None
+        except UpstreamError as exc:
+            out.status = 502
+            self._count_error(info, engine, "protocol")
+            message = f"engine {engine.id} failed: {exc}"
+            raise ApiError(502, message, code="upstream_error") from None
+        live = self.live.setdefault(engine.id, set())
+        live.add(ex)
+        try:
+            if ex.status >= 500:
+                self._count_error(info, engine, "http_5xx")
+                self.log.warning(
+                    "engine_error", engine=engine.id, status=ex.status, request_id=info.id
+                )
+                raise _TryNext
+            if ex.status != 200:
+                out.status = ex.status
+                raise _engine_rejection(ex.status, await self._read(ex, info, engine, out))
+            if info.stream:
+                return await self._relay_stream(request, info, engine, ex, out)
+            return await self._relay_whole(info, engine, ex, out)
         finally:
-            engine.in_flight -= 1
-            engine.in_flight_prompt_tokens -= info.prompt_tokens
-            engine.in_flight_decode_tokens -= info.predicted_output_tokens or 0
+            live.discard(ex)
+            self.pool.done_with(ex)
 
     def _count_error(self, info: RequestInfo, engine: EngineState, kind: str) -> None:
         self.metrics.upstream_errors.labels(info.tenant, info.model, engine.id, kind).inc()
@@ -222,7 +216,7 @@ class Proxy:
         return web.Response(
             body=raw,
             content_type="application/json",
-            headers={**out.headers, "X-Request-Id": info.id, "X-Fairway-Engine": engine.id},
+            headers={**out.headers, "X-Fairway-Engine": engine.id},
         )
 
     async def _relay_stream(
@@ -237,7 +231,6 @@ class Proxy:
             headers={
                 **sse_headers(),
                 **out.headers,
-                "X-Request-Id": info.id,
                 "X-Fairway-Engine": engine.id,
             }
         )

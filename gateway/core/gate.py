@@ -1,0 +1,227 @@
+"""The gate core: admission, the fairness queue, routing and the ledger, in one synchronous object.
+
+Both the gateway's asyncio shell (`gateway.http.gate`) and the cluster simulator's frontend
+(`gateway.simulate`) drive this very object, so a policy measured in the simulator is the
+policy the gateway runs. Each admitted request gets a `Slot` keyed by a gateway-internal
+handle; its charge in the ledger follows it from admission to its end, through retries on other
+engines. The engines come from a `Fleet`: the gateway's registry, or the simulator's engines.
+
+Token buckets are not here: the gateway keeps them behind an async store (memory or Redis) and
+the simulator in memory; the core says what to charge (`Admitting`) and the shells charge it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from gateway.config.schema import Config
+from gateway.core.admission import Admission, Admitting, Keyed
+from gateway.core.dispatch import Decision, build_dispatcher
+from gateway.core.fairness import Ticket
+from gateway.core.ledger import EngineLimit, EngineSnapshot, Ledger
+from gateway.core.request import RequestInfo
+
+
+class EngineView(Protocol):
+    """What the core reads of an engine: who it is, whether it takes new requests, and the
+    gauges last scraped from it."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def region(self) -> str: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def routable(self) -> bool: ...
+    @property
+    def running(self) -> int: ...
+    @property
+    def waiting(self) -> int: ...
+    @property
+    def kv_usage(self) -> float: ...
+
+
+class Fleet(Protocol):
+    def engines_of(self, model: str) -> Sequence[EngineView]: ...
+
+
+class Router(Protocol):
+    """`gateway.routing`'s policies: one of `engines` (never empty) for `request`."""
+
+    @property
+    def name(self) -> str: ...
+
+    def choose(self, request: RequestInfo, engines: Sequence[EngineSnapshot]) -> str: ...
+
+
+@dataclass(slots=True, eq=False)
+class Slot:
+    """One admitted request, from admission to its end: where it is charged and what to
+    settle. `handle` is the ledger's key for it; `payload` is the shell's (a future in the
+    gateway, a job in the simulator)."""
+
+    handle: int
+    info: RequestInfo
+    ticket: Ticket
+    keys: Keyed
+    cost: float  # charged to the buckets at admission
+    engine: str = ""  # where its charge is now ("" while it waits)
+    charged_output: int = 0  # output tokens charged to the fairness counters so far
+    done: bool = False
+    payload: Any = None
+
+
+class GateCore:
+    """Admission (OIT), the fairness queues, the router and the ledger over one fleet."""
+
+    def __init__(self, cfg: Config, fleet: Fleet, router: Router) -> None:
+        self.cfg = cfg
+        self.fleet = fleet
+        self.router = router
+        self.ledger = Ledger()
+        for e in cfg.engines:
+            self.set_limit(e.id, EngineLimit(max_running=e.max_running,
+                                             max_tokens=e.max_kv_tokens))  # fmt: skip
+        self.dispatcher = build_dispatcher(lambda: self.cfg, self.ledger, self.snapshots,
+                                           self._route, self.routable)  # fmt: skip
+        self.admission = Admission(cfg, self.dispatcher)
+        self._handles = itertools.count(1)
+        self.slots: dict[int, Slot] = {}  # admitted, not yet finished: waiting or in flight
+        # Called with an engine id each time a request there ends (draining engines go then).
+        self.on_release: Callable[[str], None] | None = None
+
+    # The fleet ---------------------------------------------------------------------------
+
+    def set_limit(self, engine: str, limit: EngineLimit) -> None:
+        """An engine joins the ledger, or its limits change."""
+        self.ledger.add_engine(engine, limit)
+
+    def drop_engine(self, engine: str) -> None:
+        """The engine has left the fleet: its ledger entry goes (charges still there are the
+        shells' to end; they are released now so nothing stays counted)."""
+        self.ledger.remove_engine(engine)
+
+    def reconfigure(self, cfg: Config) -> None:
+        """A reloaded config: tenants, weights, rates, applications and queue bounds apply to
+        the next decisions; counters, buckets and queues are kept."""
+        self.cfg = cfg
+        self.admission.cfg = cfg
+        self.dispatcher.max_queue = cfg.fairness.max_queue_per_tenant
+        self.dispatcher.overload_at = cfg.fairness.overload_at
+        self.admission.interactions.ttl_s = cfg.fairness.interaction_ttl_s
+
+    def snapshots(self, model: str, exclude: Iterable[str] = ()) -> list[EngineSnapshot]:
+        """The engines of `model` that take new requests, less `exclude`, each with its
+        scraped gauges and the ledger's load: one list per routing decision."""
+        loads = self.ledger.loads
+        out = []
+        for e in self.fleet.engines_of(model):
+            load = loads.get(e.id)
+            if load is None or not e.routable or e.id in exclude:
+                continue
+            out.append(EngineSnapshot(
+                id=e.id, region=e.region, model=e.model, healthy=True, running=e.running,
+                waiting=e.waiting, kv_usage=e.kv_usage, in_flight=load.requests,
+                in_flight_prompt_tokens=load.prompt_tokens,
+                in_flight_decode_tokens=load.decode_tokens, recent_prompt_rate=load.prompt_rate,
+                recent_prompt_at=load.prompt_at,
+            ))  # fmt: skip
+        return out
+
+    def routable(self, model: str) -> list[str]:
+        """The ids of the engines of `model` that take new requests."""
+        return [e.id for e in self.fleet.engines_of(model) if e.routable]
+
+    def _route(self, t: Ticket, engines: list[EngineSnapshot]) -> str:
+        slot: Slot = t.payload
+        return self.router.choose(slot.info, engines)
+
+    # A request's life --------------------------------------------------------------------
+
+    def prepare(self, info: RequestInfo, now: float) -> Admitting:
+        """What admitting `info` would charge to which buckets, and whether OIT applies."""
+        return self.admission.prepare(info, now)
+
+    def submit(self, info: RequestInfo, a: Admitting, now: float) -> tuple[Decision, Slot]:
+        """`info` passed its buckets: start it (START, `slot.engine` set and charged), queue
+        it (QUEUED), or refuse it (FULL, UNAVAILABLE: the shell gives the bucket charge back)."""
+        slot = Slot(next(self._handles), info, a.ticket, a.keys, a.cost)
+        a.ticket.payload = slot
+        a.ticket.handle = slot.handle
+        decision, engine = self.dispatcher.submit(a.ticket, info.model, now)
+        if decision in (Decision.START, Decision.QUEUED):
+            self.admission.admitted(info, now)
+            self.slots[slot.handle] = slot
+        if decision is Decision.START:
+            slot.engine = engine
+        return decision, slot
+
+    def cancel(self, slot: Slot) -> bool:
+        """A waiting request leaves (client gone, timed out). False if it was picked in the
+        meantime: then it holds a charge and must `finish`."""
+        if self.dispatcher.cancel(slot.ticket, slot.info.model):
+            self.slots.pop(slot.handle, None)
+            slot.done = True
+            return True
+        return False
+
+    def reroute(self, slot: Slot, tried: Iterable[str], now: float) -> str | None:
+        """The request's engine failed before answering: move its charge to another engine of
+        its model (one with room if any), or None when there is none left to try."""
+        engines = self.snapshots(slot.info.model, exclude=set(tried))
+        if not engines:
+            return None
+        engines = self.dispatcher.open_engines(slot.ticket, engines) or engines
+        engine = self.router.choose(slot.info, engines)
+        self.ledger.move(slot.handle, engine, now)
+        slot.engine = engine
+        return engine
+
+    def on_tokens(self, slot: Slot, n: int) -> None:
+        slot.charged_output += n
+        self.dispatcher.on_tokens(slot.ticket, slot.info.model, n)
+
+    def finish(
+        self, slot: Slot, prompt_tokens: int | None, output_tokens: int | None, now: float
+    ) -> tuple[list[Slot], float]:
+        """The request ended: its counters are settled with real usage and its charge leaves
+        the ledger. Returns the waiting requests that start in its place, and what to add to
+        its buckets (real use less what admission charged)."""
+        if slot.done:
+            return [], 0.0
+        slot.done = True
+        self.slots.pop(slot.handle, None)
+        output = slot.charged_output if output_tokens is None else output_tokens
+        if output != slot.charged_output:
+            self.on_tokens(slot, output - slot.charged_output)
+        prompt = prompt_tokens or slot.info.prompt_tokens
+        engine = self.ledger.engine_of(slot.handle)
+        started = self.dispatcher.finish(slot.ticket, slot.info.model, prompt, output, now)
+        if engine is not None and self.on_release is not None:
+            self.on_release(engine)
+        return _picked(started), prompt + output - slot.cost
+
+    def poll(self, model: str, now: float) -> list[Slot]:
+        """Start what can start now (an engine joined or came back, a window opened)."""
+        return _picked(self.dispatcher.poll(model, now))
+
+    def wake_at(self, model: str, now: float) -> float | None:
+        """When a waiting request may start by time alone (rate limits), if ever."""
+        return self.dispatcher.policy(model).wake_at(now)
+
+    @property
+    def models(self) -> list[str]:
+        return list(self.dispatcher.policies)
+
+
+def _picked(started: list[tuple[Ticket, str]]) -> list[Slot]:
+    out = []
+    for t, engine in started:
+        slot: Slot = t.payload
+        slot.engine = engine
+        out.append(slot)
+    return out
