@@ -177,7 +177,11 @@ class GateCore:
             return None
         engines = self.dispatcher.open_engines(slot.ticket, engines) or engines
         engine = self.router.choose(slot.info, engines)
-        self.ledger.move(slot.handle, engine, now)
+        # Charged afresh from the ticket: the old charge may already be gone with its engine.
+        t = slot.ticket
+        self.ledger.charge(slot.handle, engine, prompt_tokens=t.prompt_tokens,
+                           decode_tokens=t.predicted_output,
+                           kv_tokens=t.prompt_tokens + t.expected_output, now=now)  # fmt: skip
         slot.engine = engine
         return engine
 

@@ -116,17 +116,9 @@ class Ledger:
 
     def charge(self, handle: int, engine: str, *, prompt_tokens: int, decode_tokens: int,
                kv_tokens: int, now: float) -> None:  # fmt: skip
-        """Put `handle`'s request on `engine`."""
+        """Put `handle`'s request on `engine`; a charge it had elsewhere (a retry) leaves."""
         self.release(handle)
         self._put(handle, Charge(engine, prompt_tokens, decode_tokens, kv_tokens), now)
-
-    def move(self, handle: int, engine: str, now: float) -> None:
-        """A retry: `handle`'s charge leaves its engine for `engine`, whole."""
-        old = self._charges.get(handle)
-        if old is None:
-            raise KeyError(handle)
-        self.release(handle)
-        self._put(handle, Charge(engine, old.prompt_tokens, old.decode_tokens, old.kv_tokens), now)
 
     def _put(self, handle: int, c: Charge, now: float) -> None:
         load = self.loads[c.engine]
