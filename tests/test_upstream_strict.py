@@ -16,6 +16,7 @@ import pytest
 
 from gateway.upstream.client import ConnectFailed, UpstreamError, UpstreamPool
 from tests.conftest import ACME, MODEL, config_dict
+from tests.test_upstream import read_request
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -84,15 +85,6 @@ class RawEngine:
                     return
         finally:
             writer.close()
-
-
-async def read_request(reader: asyncio.StreamReader) -> bytes:
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
-            length = int(line.split(b":")[1])
-    return head + await reader.readexactly(length)
 
 
 @pytest.fixture

@@ -26,16 +26,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from engines.perf_model import PerfModel
-from gateway.core.ledger import EngineSnapshot
+from gateway.core.ledger import EngineSnapshot, recent_rate
 from gateway.core.request import RequestInfo
 from gateway.routing.policies import BASELINES, POLICY_NAMES, PREDICTED_LATENCY, RoutingPolicy
 
 # A request the predictor knows nothing about: the median output of the Azure conversation
 # trace (docs/ENGINE.md).
 DEFAULT_OUTPUT_TOKENS = 151
-# Time constant of the recent prompt rate per engine: long enough to smooth single requests,
-# short against the minutes over which load shifts.
-PROMPT_RATE_WINDOW_S = 30.0
 # Cap on the prefill share of an engine's time read from that rate: it is an estimate, and a
 # decode slowed by 1 / (1 - share) must not swamp every other term when a burst inflates it.
 MAX_PREFILL_SHARE = 0.5
@@ -43,16 +40,6 @@ MAX_PREFILL_SHARE = 0.5
 TIE = 0.01
 # z of the 0.9 quantile of a normal: turns (median, p90) of a log-normal into its sigma.
 _Z90 = 1.2816
-
-
-def recent_rate(rate: float, at: float, now: float) -> float:
-    """`rate` (per second, as of `at`) decayed to `now`."""
-    return rate * math.exp(-(now - at) / PROMPT_RATE_WINDOW_S) if now > at else rate
-
-
-def add_prompt(rate: float, at: float, now: float, tokens: int) -> tuple[float, float]:
-    """The recent prompt rate and its time after `tokens` more were sent at `now`."""
-    return recent_rate(rate, at, now) + tokens / PROMPT_RATE_WINDOW_S, max(at, now)
 
 
 @dataclass(frozen=True, slots=True)
