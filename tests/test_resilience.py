@@ -230,3 +230,25 @@ async def test_slow_reader_gets_every_token(start_gateway: Any) -> None:
     assert raw.startswith(b"HTTP/1.1 200")
     assert raw.count(b'"content":') == 6000
     assert b"data: [DONE]" in raw
+
+
+async def test_http10_client_gets_a_close_delimited_stream(
+    start_gateway: Any,
+) -> None:
+    server, gw = await start_gateway()
+    body = orjson.dumps({"model": "llama-3.1-8b", "stream": True, "max_tokens": 5,
+                        "messages": [{"role": "user", "content": "hi"}]})  # fmt: skip
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(b"POST /v1/chat/completions HTTP/1.0\r\nHost: x\r\n"
+                 b"Authorization: Bearer sk-test-acme-chat\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%b" % (len(body), body))  # fmt: skip
+    async with asyncio.timeout(10):
+        raw = await reader.read()  # to EOF: the gateway closes the connection at the end
+    writer.close()
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") and b"chunked" not in head.lower()
+    events = [e for e in rest.split(b"\n\n") if e]
+    assert events[-1] == b"data: [DONE]"
+    assert all(e.startswith(b"data: ") for e in events), rest[:300]
+    assert sum(b'"content"' in e for e in events) == 5
+    assert gw.gate.core.ledger.total() == 0

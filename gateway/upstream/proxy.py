@@ -246,7 +246,8 @@ class Proxy:
         # Headers go out now; body chunks are then written straight to the socket.
         if isinstance(writer, StreamWriter):
             writer.send_headers()
-        relay = SseRelay(transport, info, ex, out.usage)
+        # aiohttp frames an HTTP/1.0 response by closing the connection, never by chunks.
+        relay = SseRelay(transport, info, ex, out.usage, chunked=request.version >= (1, 1))
         relay.on_events = out.on_events
         ex.stream(relay.feed)
         try:

@@ -66,9 +66,17 @@ class SseRelay:
     """The sink an upstream exchange streams into; see the module docstring."""
 
     def __init__(
-        self, transport: asyncio.Transport, info: RequestInfo, exchange: Exchange, usage: Usage
+        self,
+        transport: asyncio.Transport,
+        info: RequestInfo,
+        exchange: Exchange,
+        usage: Usage,
+        chunked: bool = True,
     ) -> None:
         self.transport = transport
+        # HTTP/1.1 responses are chunked; an HTTP/1.0 client gets the bytes as they are and the
+        # end of the stream is the connection closing.
+        self.chunked = chunked
         self.info = info
         self.exchange = exchange
         self.usage = usage
@@ -104,14 +112,14 @@ class SseRelay:
         self.write(data)
 
     def write(self, data: bytes) -> None:
-        """Write `data` as one HTTP/1.1 chunk of the client's response."""
+        """Write `data` to the client: one HTTP/1.1 chunk, or as it is for HTTP/1.0."""
         t = self.transport
         if t.is_closing():
             self.client_gone = True
             self.exchange.abort()  # the engine sees the connection drop and aborts
             self._wake()
             return
-        t.write(b"%x\r\n%b\r\n" % (len(data), data))
+        t.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
         if not self.paused and t.get_write_buffer_size() > HIGH_WATER:
             self.paused = True
             self.exchange.pause()
