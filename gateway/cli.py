@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +16,7 @@ from gateway.config.schema import ConfigError, load
 
 def _serve(args: argparse.Namespace) -> int:
     from gateway.http.app import build_app
+    from gateway.http.serve import serve
     from gateway.obs.logs import configure
 
     try:
@@ -28,16 +30,9 @@ def _serve(args: argparse.Namespace) -> int:
     host = args.host or cfg.server.host
     port = cfg.server.port if args.port is None else args.port
     print(f"fairway: serving on http://{host}:{port} ({len(cfg.engines)} engines)", file=sys.stderr)
-    web.run_app(
-        build_app(cfg, config_path=args.config),
-        host=host,
-        port=port,
-        backlog=cfg.server.backlog,
-        handler_cancellation=True,
-        access_log=None,
-        print=None,
-        loop=uvloop.new_event_loop(),
-    )
+    app = build_app(cfg, config_path=args.config)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(serve(app, host, port, cfg.server.backlog))
     return 0
 
 

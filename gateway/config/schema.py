@@ -78,6 +78,8 @@ class ServerConfig:
     retry_after_s: Count = 1
     # How long a draining engine's requests may run on before they are ended.
     drain_timeout_s: Annotated[float, Field(ge=0)] = 60.0
+    # After SIGTERM, how long requests under way may run on before they are ended.
+    shutdown_timeout_s: Annotated[float, Field(ge=0)] = 30.0
 
 
 def _random_if_negative(seed: int | None) -> int | None:

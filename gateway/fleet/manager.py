@@ -136,7 +136,8 @@ class FleetManager:
             self.spawn(self._remove(engine_id))
 
     def _deadline(self, engine_id: str) -> None:
-        n = self.proxy.abort_engine(engine_id)
+        why = f"Engine {engine_id} left the fleet (drained) before this response ended."
+        n = self.proxy.abort_engine(engine_id, why)
         log.warning("engine_drain_deadline", engine=engine_id, ended=n)
         self.spawn(self._remove(engine_id))
 

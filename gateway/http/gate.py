@@ -98,6 +98,12 @@ class Gate:
             async with asyncio.timeout(timeout):
                 await fut
             return p
+        except ApiError:  # the gateway is stopping (`fail_waiting`)
+            if self.core.cancel(slot):
+                await self.store.settle(slot.keys, -slot.cost)
+            else:
+                await self.leave(p, None, None)
+            raise
         except (TimeoutError, asyncio.CancelledError) as exc:
             if not self.core.cancel(slot):
                 # Picked in the same instant: give the slot back to the next in line.
@@ -172,6 +178,17 @@ class Gate:
             loop = asyncio.get_running_loop()
             delay = max(0.0, when - time.perf_counter())
             self._timers[model] = loop.call_later(delay, self.poll, model)
+
+    def fail_waiting(self, message: str) -> int:
+        """Every queued request gets a 503 with `message`; returns how many there were."""
+        n = 0
+        for slot in list(self.core.slots.values()):
+            fut = slot.payload
+            if not slot.engine and isinstance(fut, asyncio.Future) and not fut.done():
+                fut.set_exception(ApiError(503, message, code="shutting_down",
+                                           headers={"Retry-After": "1"}))  # fmt: skip
+                n += 1
+        return n
 
     def close(self) -> None:
         for timer in self._timers.values():

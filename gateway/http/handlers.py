@@ -39,6 +39,10 @@ async def _proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
     tenant = app = model = "-"
     predicted: tuple[RequestInfo, Record] | None = None
     try:
+        if gw.stopping:
+            raise ApiError(503, "The gateway is shutting down; retry on another one.",
+                           code="shutting_down",
+                           headers={"Retry-After": "1", "Connection": "close"})  # fmt: skip
         principal = gw.keys.authenticate(request.headers.get("Authorization"))
         tenant, app = principal.tenant, principal.app
         try:
@@ -158,11 +162,9 @@ async def list_models(request: web.Request) -> web.Response:
 async def healthz(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     models = {m: sum(e.routable for e in gw.registry.engines_of(m)) for m in gw.registry.by_model}
-    ok = any(models.values())
-    return json_response(
-        {"status": "ok" if ok else "no healthy engine", "healthy_engines": models},
-        status=200 if ok else 503,
-    )
+    ok = any(models.values()) and not gw.stopping
+    status = "shutting down" if gw.stopping else "ok" if ok else "no healthy engine"
+    return json_response({"status": status, "healthy_engines": models}, status=200 if ok else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:

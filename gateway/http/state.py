@@ -46,6 +46,7 @@ class Gateway:
     lengths: LengthService | None = None  # output-length prediction and the feature log
     config_path: Path | None = None  # what SIGHUP and POST /admin/reload re-read
     raw: dict[str, Any] = field(default_factory=dict)  # the TOML document `cfg` came from
+    stopping: bool = False  # SIGTERM: readiness is 503 and new requests are refused
 
 
 GATEWAY = web.AppKey("gateway", Gateway)

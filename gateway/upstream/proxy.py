@@ -85,12 +85,15 @@ class Proxy:
         self.server = server
         self.log = structlog.get_logger("fairway.proxy")
         self.live: dict[str, set[Exchange]] = {}  # per engine, exchanges under way
+        self._ended: dict[Exchange, str] = {}  # exchanges the gateway ended, and why
 
-    def abort_engine(self, engine_id: str) -> int:
-        """End every exchange under way at `engine_id` (it is leaving the fleet): streams end
-        with an error event, whole responses with a 502. Returns how many were ended."""
+    def abort_engine(self, engine_id: str, why: str) -> int:
+        """End every exchange under way at `engine_id` (it is leaving the fleet, or the gateway
+        is stopping): streams end with an error event saying `why`, whole responses with a 502.
+        Returns how many were ended."""
         live = self.live.pop(engine_id, set())
         for ex in live:
+            self._ended[ex] = why
             ex.abort()
         return len(live)
 
@@ -179,6 +182,7 @@ class Proxy:
             return await self._relay_whole(info, engine, ex, out)
         finally:
             live.discard(ex)
+            self._ended.pop(ex, None)
             self.pool.done_with(ex)
 
     def _count_error(self, info: RequestInfo, engine: EngineState, kind: str) -> None:
@@ -276,8 +280,14 @@ class Proxy:
             relay.flush()
             out.status = 200
         else:
-            self._mid_stream_failure(info, engine, exc, out)
-            message = f"engine {engine.id} failed mid-stream"
+            message = self._ended.pop(ex, None)
+            if message is None:
+                self._mid_stream_failure(info, engine, exc, out)
+                message = f"engine {engine.id} failed mid-stream"
+            else:
+                out.status = 502
+                self.log.warning("stream_ended", engine=engine.id, request_id=info.id,
+                                 reason=message)  # fmt: skip
             relay.write(sse_event(error_body(502, message, code="upstream_error")) + SSE_DONE)
         with contextlib.suppress(ConnectionResetError):
             await resp.write_eof()
