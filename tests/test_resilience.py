@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import sys
 from typing import Any
 
@@ -252,3 +253,52 @@ async def test_http10_client_gets_a_close_delimited_stream(
     assert all(e.startswith(b"data: ") for e in events), rest[:300]
     assert sum(b'"content"' in e for e in events) == 5
     assert gw.gate.core.ledger.total() == 0
+
+
+async def test_a_stream_whose_client_reads_nothing_is_cut_and_frees_its_slot(
+    start_gateway: Any, http: aiohttp.ClientSession
+) -> None:
+    cfg = config_dict(
+        {"us-east": {"llama-3.1-8b": [{"kind": "sim"}]}},
+        send_timeout_s=0.5,
+        send_buffer_bytes=16384,
+    )
+    cfg["sim"]["time_scale"] = 0.001  # tokens come far faster than anyone reads them
+    server, gw = await start_gateway(cfg)
+    body = orjson.dumps(
+        {
+            "model": "llama-3.1-8b",
+            "stream": True,
+            "max_tokens": 8000,
+            "ignore_eos": True,
+            "messages": [{"role": "user", "content": "hi"}],
+        }
+    )
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a client that stops reading
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (server.host, server.port))
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b"Authorization: Bearer sk-test-acme-chat\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body))  # fmt: skip
+    await asyncio.get_running_loop().sock_sendall(sock, head + body)
+    try:
+        await wait_for(lambda: asyncio.sleep(0, gw.gate.core.ledger.total() == 1))
+        await wait_for(lambda: asyncio.sleep(0, gw.gate.core.ledger.total() == 0), within=20)
+    finally:
+        sock.close()
+    text = await (await http.get(server.make_url("/metrics"))).text()
+    assert scrape(text, "fairway_dropped_requests_total", reason="send_timeout") == 1
+    # The tenant was charged for what was relayed, and the engine serves the next request.
+    counters = gw.gate.dispatcher.policy("llama-3.1-8b").counters()
+    assert counters.get("acme", 0.0) > 0
+    async with http.post(
+        server.make_url(CHAT),
+        json={
+            "model": "llama-3.1-8b",
+            "max_tokens": 3,
+            "messages": [{"role": "user", "content": "hi"}],
+        },
+        headers=AUTH,
+    ) as r:
+        assert r.status == 200

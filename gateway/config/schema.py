@@ -80,6 +80,12 @@ class ServerConfig:
     drain_timeout_s: Annotated[float, Field(ge=0)] = 60.0
     # After SIGTERM, how long requests under way may run on before they are ended.
     shutdown_timeout_s: Annotated[float, Field(ge=0)] = 30.0
+    # A stream whose client reads nothing for this long (the gateway's buffer for it full) is
+    # cut, so that it does not hold its engine slot.
+    send_timeout_s: Positive = 30.0
+    # SO_SNDBUF of a streaming client's socket (0: the kernel's autotuning): bounds the kernel
+    # memory a client that reads slowly can hold, and how much it may fall behind.
+    send_buffer_bytes: Annotated[StrictInt, Field(ge=0)] = 0
 
 
 def _random_if_negative(seed: int | None) -> int | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -247,6 +248,12 @@ class Proxy:
         if transport is None or transport.is_closing():
             out.status = CLIENT_CLOSED
             return resp
+        if self.server.send_buffer_bytes:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
+                                    self.server.send_buffer_bytes)  # fmt: skip
         # Headers go out now; body chunks are then written straight to the socket.
         if isinstance(writer, StreamWriter):
             writer.send_headers()
@@ -258,7 +265,12 @@ class Proxy:
             while True:
                 await relay.wait()
                 if relay.paused and not relay.client_gone:
-                    await writer.drain()
+                    try:
+                        async with asyncio.timeout(self.server.send_timeout_s):
+                            await writer.drain()
+                    except TimeoutError:
+                        self._stalled(info, engine, relay, ex, transport)
+                        break
                     relay.paused = False
                     ex.resume()
                     continue
@@ -292,6 +304,16 @@ class Proxy:
         with contextlib.suppress(ConnectionResetError):
             await resp.write_eof()
         return resp
+
+    def _stalled(self, info: RequestInfo, engine: EngineState, relay: SseRelay, ex: Exchange,
+                 transport: asyncio.Transport) -> None:  # fmt: skip
+        """The client read nothing for `send_timeout_s`: cut its stream and free the slot."""
+        relay.client_gone = True
+        ex.abort()
+        transport.abort()  # what is buffered for it would never drain
+        self.metrics.dropped.labels(info.tenant, "send_timeout").inc()
+        self.log.warning("client_send_timeout", engine=engine.id, request_id=info.id,
+                         events=relay.events, timeout_s=self.server.send_timeout_s)  # fmt: skip
 
     def _mid_stream_failure(
         self, info: RequestInfo, engine: EngineState, exc: BaseException, out: Outcome
