@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import shutil
 import sys
@@ -41,6 +40,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._common import machine  # noqa: E402
 from benchmarks.routing_report import write_report  # noqa: E402
 from benchmarks.routing_sim import (  # noqa: E402
     config,
@@ -256,8 +256,7 @@ def main() -> int:
         if n == FRONTEND_SETTING[0]:
             frontend_rows = frontend_effect(jobs, caps[n], model)
     doc = {
-        "machine": f"{platform.processor() or platform.machine()}, {platform.system()} "
-        f"{platform.release()}, Python {platform.python_version()}",
+        "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
         "quick": args.quick,
         "train_rows": len(train_rows),

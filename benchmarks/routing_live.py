@@ -28,7 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
+import random
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -42,7 +42,7 @@ from aiohttp import web
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import quantile  # noqa: E402
+from benchmarks._common import machine, quantile  # noqa: E402
 from benchmarks.routing_bench import (  # noqa: E402
     TRAIN_SHARE,
     WORK,
@@ -68,6 +68,11 @@ from gateway.lengths.train import train_and_report  # noqa: E402
 from gateway.obs.logs import configure  # noqa: E402
 
 LAG_TICK_S = 0.005  # the event loop's lateness is sampled this often
+# The simulator's spread on the slice: predicted-latency and round robin again with every
+# arrival delayed by a random 0 to 10 ms, the order of how late the live client's requests
+# leave (a few ms on average).
+JITTER_S = 0.010
+JITTER_POLICIES = ("predicted-latency", "round-robin")
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,12 +175,16 @@ async def replay(policy: str, plan: list[Planned], args: argparse.Namespace,
     }
 
 
-def simulated(policy: str, plan: list[Planned], args: argparse.Namespace,
-              model: Path) -> dict[str, Any]:  # fmt: skip
-    """The slice through the gate core in the cluster simulator, on the live run's config."""
+def simulated(policy: str, plan: list[Planned], args: argparse.Namespace, model: Path,
+              delay: float = 0.0, seed: int = 0) -> dict[str, Any]:  # fmt: skip
+    """The slice through the gate core in the cluster simulator, on the live run's config;
+    each arrival delayed by a random 0 to `delay` modelled seconds when `delay` is given."""
     cfg = parse(live_config(policy, args.engines, args.time_scale, model))
-    jobs = [make_job(str(i), p.t, p.tenant, p.app, p.body, p.output_tokens)
+    rng = random.Random(seed)
+    jobs = [make_job(str(i), p.t + rng.uniform(0.0, delay), p.tenant, p.app, p.body,
+                     p.output_tokens)
             for i, p in enumerate(plan)]  # fmt: skip
+    jobs.sort(key=lambda j: j.arrival)
     front = frontend(cfg, scrape_interval=cfg.server.health_interval_s / args.time_scale)
     done = simulate(specs_of(cfg), front, jobs)
     streamed = [j for j in done if plan[int(j.id)].stream]
@@ -200,6 +209,8 @@ def main() -> int:
     ap.add_argument("--stream-every", type=int, default=10,
                     help="stream one request in this many (TTFT, TPOT)")  # fmt: skip
     ap.add_argument("--policies", default="predicted-latency,round-robin,least-outstanding")
+    ap.add_argument("--jitter-runs", type=int, default=5,
+                    help="simulator runs with jittered arrivals, for its spread")  # fmt: skip
     args = ap.parse_args()
     configure("warning")
     rows = load_trace()
@@ -241,13 +252,20 @@ def main() -> int:
         print(f"{'':<18} send lag {live['mean_send_lag_s'] * 1e3:.1f} ms mean, loop lag "
               f"{live['mean_loop_lag_s'] * 1e3:.1f} ms mean, "
               f"{live['p99_loop_lag_s'] * 1e3:.1f} ms p99", flush=True)  # fmt: skip
+    jitter = []
+    for seed in range(1, args.jitter_runs + 1):
+        at = {p: simulated(p, plan, args, model, JITTER_S, seed) for p in JITTER_POLICIES}
+        pl, rr = (at[p] for p in JITTER_POLICIES)
+        jitter.append({k: pl[k] / rr[k] - 1 for k in ("mean_e2e", "mean_ttft", "mean_tpot")})
+        print(f"jittered arrivals, seed {seed}: predicted-latency vs round-robin "
+              f"{jitter[-1]['mean_e2e']:+.1%} mean e2e", flush=True)  # fmt: skip
     run = {
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {platform.system()} {platform.release()}, "
-        f"Python {platform.python_version()}",
+        "machine": machine(),
         "engines": args.engines, "time_scale": args.time_scale, "requests": len(plan),
         "rate": rate, "load": args.load, "capacity": cap, "seconds": args.seconds,
         "stream_every": args.stream_every, "health_interval_s": interval,
+        "lag_tick_s": LAG_TICK_S, "jitter_s": JITTER_S, "jitter": jitter,
         "results": results,
     }  # fmt: skip
     docs = ROOT / "docs"

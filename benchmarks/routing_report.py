@@ -38,8 +38,8 @@ def _table(doc: dict[str, Any], n: int) -> list[str]:
     rows = [r for r in doc["results"] if r["engines"] == n]
     lines = [
         "| load | policy | mean e2e (s) | vs RR | p99 e2e (s) | mean TTFT (ms) | p99 TTFT (ms) "
-        "| mean TPOT (ms) | p99 TPOT (ms) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| mean TPOT (ms) | p99 TPOT (ms) | queued |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for load in sorted({r["load"] for r in rows}):
         at = {r["policy"]: r for r in rows if r["load"] == load}
@@ -52,59 +52,198 @@ def _table(doc: dict[str, Any], n: int) -> list[str]:
             lines.append(
                 f"| {load:.0%} | {name} | {r['mean_e2e']:.2f} | {r['mean_e2e'] / rr - 1:+.1%} "
                 f"| {r['p99_e2e']:.2f} | {r['mean_ttft'] * 1e3:.0f} | {r['p99_ttft'] * 1e3:.0f} "
-                f"| {r['mean_tpot'] * 1e3:.1f} | {r['p99_tpot'] * 1e3:.1f} |"
+                f"| {r['mean_tpot'] * 1e3:.1f} | {r['p99_tpot'] * 1e3:.1f} | {r['queued']} |"
             )
     return lines
+
+
+def _gain(rows: dict[str, dict[str, Any]], key: str = "mean_e2e") -> float:
+    """Predicted-latency against round robin, as a relative change."""
+    return float(rows["predicted-latency"][key] / rows["round-robin"][key] - 1)
+
+
+def _frontend(doc: dict[str, Any]) -> list[str]:
+    rows = doc.get("frontend") or []
+    if not rows:
+        return []
+    n, load = rows[0]["engines"], rows[0]["load"]
+    lines = [
+        "### What the gate core changes",
+        "",
+        f"{n} engines at {load:.0%}, the same arrivals, with the gate core's in-flight limits "
+        "lifted (every request goes straight to an engine, which queues it) and the gauges "
+        "read at every decision, then each put back:",
+        "",
+        "| gate core | policy | mean e2e (s) | vs RR | p99 e2e (s) | mean TTFT (ms) "
+        "| mean TPOT (ms) | queued |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        at = {r["policy"]: r for r in rows if r["variant"] == variant}
+        for policy in ("predicted-latency", "round-robin"):
+            r = at[policy]
+            lines.append(
+                f"| {variant} | {policy} | {r['mean_e2e']:.2f} "
+                f"| {r['mean_e2e'] / at['round-robin']['mean_e2e'] - 1:+.1%} "
+                f"| {r['p99_e2e']:.2f} | {r['mean_ttft'] * 1e3:.0f} | {r['mean_tpot'] * 1e3:.1f} "
+                f"| {r['queued']} |"
+            )
+    return [*lines, ""]
+
+
+def _runs(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    runs: list[dict[str, Any]] = json.loads(path.read_text())["runs"]
+    return [r for r in runs if all("sim" in x for x in r["results"])]
 
 
 def _live(path: Path) -> list[str]:
-    if not path.exists():
+    runs = _runs(path)
+    if not runs:
         return ["Not run yet: `make bench-routing-live` writes it."]
     lines: list[str] = []
-    for live in json.loads(path.read_text())["runs"]:
+    for run in runs:
+        every = run["stream_every"]
         lines += [
-            f"Measured {live['date']} on {live['machine']}: the gateway in-process "
-            f"(`build_app`) on {live['engines']} simulated H100 engines with `time_scale = "
-            f"{live['time_scale']}`, {live['requests']} requests of the evaluation slice "
-            f"replayed at {live['rate']:.1f} requests/s of modelled time ({live['load']:.0%} "
-            "of the fleet's capacity measured in the simulator) by an open-loop async client "
-            "(aiohttp, not streamed: relaying every token of thousands of streams would make "
-            "the 2 shared cores the bottleneck, so no TTFT here). Latencies are wall-clock "
-            "seconds on this machine divided by the time scale, to read as modelled GPU seconds.",
+            f"Measured {run['date']} on {run['machine']}; **the gateway, the simulated engines "
+            "and the load generator share this machine's 2 cores**. The gateway runs "
+            f"in-process (`build_app`) on {run['engines']} simulated H100 engines with "
+            f"`time_scale = {run['time_scale']:g}`; {run['requests']} requests of the "
+            f"evaluation slice ({run['seconds']:g} s of modelled arrivals from an empty fleet) "
+            f"are replayed at {run['rate']:.1f} requests/s of modelled time ({run['load']:.0%} "
+            "of the fleet's capacity measured in the simulator) by an open-loop aiohttp client. "
+            f"One request in {every} is streamed, for TTFT and TPOT at the client; the others "
+            "are not, since relaying every token of thousands of streams would make the CPU the "
+            "bottleneck. Live latencies are wall-clock seconds divided by the time scale, to "
+            "read as modelled GPU seconds. *sim* is the same slice, on the same config, through "
+            "the gate core in the cluster simulator, its gauges scraped every "
+            f"{run['health_interval_s'] / run['time_scale']:g} s of modelled time (the live "
+            "gateway's health interval in wall-clock seconds over the time scale). TTFT and "
+            "TPOT are over the streamed requests in both.",
             "",
-            "| policy | mean e2e (s) | vs RR | p99 e2e (s) | errors |",
-            "|---|---|---|---|---|",
+            "| policy | mean e2e live (s) | sim (s) | vs RR live | sim | p99 e2e live (s) "
+            "| sim (s) | mean TTFT live (ms) | sim (ms) | mean TPOT live (ms) | sim (ms) "
+            "| errors |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
-        rr = next(r["mean_e2e"] for r in live["results"] if r["policy"] == "round-robin")
-        for r in live["results"]:
+        by = {r["policy"]: r for r in run["results"]}
+        rr = by.get("round-robin")
+        for policy in POLICY_ORDER:
+            r = by.get(policy)
+            if r is None:
+                continue
+            lv, sm = r["live"], r["sim"]
+            vs = "-"
+            if rr is not None:
+                vs = (f"{lv['mean_e2e'] / rr['live']['mean_e2e'] - 1:+.1%} "
+                      f"| {sm['mean_e2e'] / rr['sim']['mean_e2e'] - 1:+.1%}")  # fmt: skip
             lines.append(
-                f"| {r['policy']} | {r['mean_e2e']:.2f} | {r['mean_e2e'] / rr - 1:+.1%} "
-                f"| {r['p99_e2e']:.2f} | {r['errors']} |"
+                f"| {policy} | {lv['mean_e2e']:.2f} | {sm['mean_e2e']:.2f} | {vs} "
+                f"| {lv['p99_e2e']:.2f} | {sm['p99_e2e']:.2f} "
+                f"| {lv['mean_ttft'] * 1e3:.0f} | {sm['mean_ttft'] * 1e3:.0f} "
+                f"| {lv['mean_tpot'] * 1e3:.1f} | {sm['mean_tpot'] * 1e3:.1f} | {lv['errors']} |"
             )
-        lines.append("")
+        lag = [r["live"] for r in run["results"]]
+        lines += [
+            "",
+            "The client's event loop, which the gateway and the engines' step timers share, "
+            "woke late by "
+            + ", ".join(
+                f"{x['mean_loop_lag_s'] * 1e3:.1f} ms mean ({x['p99_loop_lag_s'] * 1e3:.0f} ms "
+                f"p99) under {r['policy']}"
+                for r, x in zip(run["results"], lag, strict=True)
+            )
+            + f", against a {run['lag_tick_s'] * 1e3:g} ms tick; requests left "
+            + ", ".join(f"{x['mean_send_lag_s'] * 1e3:.1f}" for x in lag)
+            + " ms late on average.",
+            "",
+        ]
     return lines
 
 
-def _live_note(doc: dict[str, Any], path: Path) -> str:
-    if not path.exists():
-        return ""
-    sim = [r["mean_e2e"] for r in doc["results"]
-           if (r["engines"], r["load"], r["policy"]) == (4, 0.7, "round-robin")]  # fmt: skip
-    live = [
-        f"{r['mean_e2e']:.2f} s at time scale {run['time_scale']:g}"
-        for run in json.loads(path.read_text())["runs"]
-        for r in run["results"]
-        if r["policy"] == "round-robin"
+def _gap(doc: dict[str, Any], path: Path) -> list[str]:
+    """Predicted-latency against round robin, step by step from the simulator's setting of
+    the benchmark to the live gateway."""
+    steps: list[tuple[str, float | None, float | None, float | None]] = []
+    front = doc.get("frontend") or []
+    for variant in dict.fromkeys(r["variant"] for r in front):
+        at = {r["policy"]: r for r in front if r["variant"] == variant}
+        steps.append((f"simulator, benchmark slice: {variant}", _gain(at),
+                      _gain(at, "mean_ttft"), _gain(at, "mean_tpot")))  # fmt: skip
+    for run in _runs(path):
+        by = {r["policy"]: r for r in run["results"]}
+        if "predicted-latency" not in by or "round-robin" not in by:
+            continue
+        ts = run["time_scale"]
+        for side in ("sim", "live"):
+            at = {k: v[side] for k, v in by.items()}
+            where = "simulator" if side == "sim" else "live gateway"
+            steps.append((f"{where}, live slice, time scale {ts:g}", _gain(at),
+                          _gain(at, "mean_ttft"), _gain(at, "mean_tpot")))  # fmt: skip
+    if not steps:
+        return []
+    lines = [
+        "| setting | mean e2e PL vs RR | mean TTFT PL vs RR | mean TPOT PL vs RR |",
+        "|---|---|---|---|",
     ]
-    return (
-        "Live latencies are higher than the simulator's at the same load: the gateway, the "
-        "engines and the client share two busy cores, so engine steps run late (round robin: "
-        + (f"{sim[0]:.2f} s mean in the simulator on the whole slice; " if sim else "")
-        + "live, from an empty fleet over the first seconds of it, "
-        + ", ".join(live)
-        + "). The router's gain shrinks with that distortion, since it prices steps at the "
-        "modelled speed, and grows back as the engines get more CPU headroom."
-    )
+    for label, e2e, ttft, tpot in steps:
+        cells = " | ".join("-" if v is None else f"{v:+.1%}" for v in (e2e, ttft, tpot))
+        lines.append(f"| {label} | {cells} |")
+    return [*lines, ""]
+
+
+def _explain(doc: dict[str, Any], path: Path) -> list[str]:
+    """Where the difference between the simulator's gain and the live one comes from, in the
+    figures above."""
+    front = doc.get("frontend") or []
+    runs = [
+        r
+        for r in _runs(path)
+        if r.get("jitter")
+        and {"predicted-latency", "round-robin"} <= {x["policy"] for x in r["results"]}
+    ]
+    variants = list(dict.fromkeys(r["variant"] for r in front))
+    if len(variants) < 3 or not runs:
+        return []
+    gains = [_gain({r["policy"]: r for r in front if r["variant"] == v}) for v in variants]
+    queued = max(r["queued"] for r in front)
+    parts = []
+    for run in runs:
+        by = {r["policy"]: r for r in run["results"]}
+        live = _gain({k: v["live"] for k, v in by.items()})
+        sim = _gain({k: v["sim"] for k, v in by.items()})
+        jit = [j["mean_e2e"] for j in run["jitter"]]
+        rr_live, rr_sim = by["round-robin"]["live"], by["round-robin"]["sim"]
+        parts.append((run, live, sim, min(jit), max(jit), rr_live, rr_sim))
+    first = parts[0]
+    ms = int(first[0]["jitter_s"] * 1e3)
+    sims = "; ".join(f"{p[2]:+.1%} with exact arrival times and {p[3]:+.1%} to {p[4]:+.1%} "
+                     f"with each delayed by 0 to {ms} ms at time scale {p[0]['time_scale']:g}"
+                     for p in parts)  # fmt: skip
+    lives = ", ".join(f"{p[1]:+.1%} at time scale {p[0]['time_scale']:g}" for p in parts)
+    outside = max(max(0.0, p[3] - p[1], p[1] - p[4]) for p in parts)
+    rr = max(abs(p[5]["mean_e2e"] / p[6]["mean_e2e"] - 1) for p in parts)
+    ttft = [(p[5]["mean_ttft"] - p[6]["mean_ttft"]) * 1e3 for p in parts]
+    return [
+        "On the benchmark slice the gate core's in-flight limits change nothing at this load "
+        f"({queued} requests queued), while gauges 2 s old take predicted-latency from "
+        f"{gains[1]:+.1%} to {gains[2]:+.1%} against round robin: it counts an engine's "
+        "scraped running and waiting requests when they exceed the gateway's own, and those "
+        "still include the requests that ended since the scrape. That is the frontend's share "
+        "of the difference between a simulator that routed straight to engines with fresh "
+        f"gauges ({gains[0]:+.1%}) and the live gateway. On the live run's slice (its first "
+        f"{first[0]['seconds']:g} s of arrivals, from an empty fleet) the simulator gives "
+        f"{sims}: one slice's gain moves by a few points with millisecond timing, which is the "
+        f"slice's share. Live, the gateway measures {lives}, within {outside * 100:.1f} points "
+        "of the simulator's range, while round robin's mean end-to-end latency live is within "
+        f"{rr:.1%} of the simulator's and its mean TTFT "
+        + " and ".join(f"{t:.0f}" for t in ttft)
+        + " ms higher, the HTTP hops through the gateway and the engines' servers that the "
+        "simulator does not have. What is left for the simulator itself is no larger than its "
+        "own spread on one slice.",
+        "",
+    ]
 
 
 def _targets(doc: dict[str, Any]) -> list[str]:
@@ -140,7 +279,7 @@ def write_report(doc: dict[str, Any], out: Path) -> None:
         "",
         "## How `predicted-latency` decides",
         "",
-        "`gateway/latency_router.py`. For each healthy engine of the model it prices, from the "
+        "`gateway/routing/latency.py`. For each healthy engine of the model it prices, from the "
         "engine's snapshot (the gateway's own in-flight requests, prompt tokens and predicted "
         "output tokens there; the running, waiting and KV gauges scraped from its `/metrics`) "
         "and the roofline perf model of its GPU and model (docs/ENGINE.md, in closed form):",
@@ -182,7 +321,8 @@ def write_report(doc: dict[str, Any], out: Path) -> None:
         f"The first 60% of the trace ({doc['train_rows']:,} requests) is the training log; "
         f"routing is evaluated on the last 40% ({doc['eval_rows']:,} requests), which the "
         "model never saw. Engines: H100, Llama 3.1 8B, the perf model of docs/ENGINE.md, "
-        "256 sequences, 2,048 batched tokens. Capacity (flooded fleet, least-outstanding): "
+        "256 sequences, 2,048 batched tokens. Capacity (flooded fleet, every request waiting in "
+        "the gateway's queue, least-outstanding): "
         + ", ".join(f"{n} engines {c:.1f} req/s" for n, c in doc["capacity"].items())
         + ". Loads are that capacity times 50/70/90%. On 16 engines the slice is replayed as "
         "four superposed copies (shifted in time, each with its own application draw).",
@@ -210,6 +350,17 @@ def write_report(doc: dict[str, Any], out: Path) -> None:
         "",
         "## Routing in the cluster simulator",
         "",
+        "Every run goes through the gateway's gate core on the cluster simulator's clock "
+        "(`gateway.simulate.GateFrontend`, set up by benchmarks/routing_sim.py as the gateway "
+        "sets itself up): admission with OIT (no token buckets are configured, so it throttles "
+        "nothing), the WSC queue, where requests wait only while every engine is at the "
+        "gateway's in-flight limits (256 requests, and its KV capacity in prompt plus expected "
+        "output tokens), the configured router with each engine's performance profile, and the "
+        "length service with the trained model. The engines' running, waiting and KV gauges are "
+        "scraped every 2 simulated seconds, the gateway's default `health_interval_s`; the "
+        "gateway's own in-flight counts are exact at every decision. *queued*: requests that "
+        "waited in the gateway's queue.",
+        "",
         "![mean and p99 latency by load](routing_latency.png)",
         "",
     ]
@@ -217,41 +368,57 @@ def write_report(doc: dict[str, Any], out: Path) -> None:
     for n in sorted({r["engines"] for r in doc["results"]}):
         md += [f"### {n} engines", "", *_table(doc, n), ""]
     md += [
-        "Scraped gauges (running, waiting, KV use) are fresh at every decision in the "
-        "simulator, which favours jsq; the gateway's own in-flight counts are exact in both.",
+        "jsq ranks engines by the running and waiting counts they last reported: between two "
+        "scrapes it sends every request to the engine that reported the fewest, hence its TTFT "
+        "of seconds.",
         "",
+        *_frontend(doc),
         "## Decision cost",
         "",
         "One `choose()` over 16 engines with mixed load (best of 5 x 20,000 calls), "
         "microseconds: " + ", ".join(f"{k} {v:.1f}" for k, v in doc["decision_us"].items()) + ".",
         "",
-        "## Live run through the gateway",
+        "## Live run through the gateway, and the same slice in the simulator",
         "",
         *_live(out / "routing_live.json"),
-        _live_note(doc, out / "routing_live.json"),
+        "### From the simulator to the live gateway",
+        "",
+        "Predicted-latency against round robin at 4 engines and 70% load, one change at a "
+        "time: the gate core's in-flight limits and the gauges' age on the benchmark slice, "
+        "then the live run's slice in the simulator and through the live gateway:",
+        "",
+        *_gap(doc, out / "routing_live.json"),
+        *_explain(doc, out / "routing_live.json"),
         "",
         "## Limits",
         "",
         "- The predictor's features are synthetic (see Workload); its MAE here says the "
         "pipeline learns what the features carry, not how well real traffic can be predicted.",
-        "- In the simulator the scraped gauges are fresh at every decision; the gateway scrapes "
-        "every `health_interval_s`. Predicted-latency leans on the gateway's own in-flight "
-        "counts, which are exact in both.",
+        "- Predicted-latency takes the larger of an engine's scraped running + waiting count and "
+        "the gateway's own in-flight count there, so requests that ended since the last scrape "
+        "still weigh on it: with gauges 2 s old it gains about half of what it gains with fresh "
+        "ones (What the gate core changes, above).",
         "- The prediction cost is mostly LightGBM's per-call overhead for one row (two "
         "boosters), not the trees; it is paid once per request, on the event loop.",
         "- Predicted-latency trades TTFT for end-to-end latency: its mean and p99 TTFT are "
         "higher than the baselines' (it packs short requests where long ones are not), while "
-        "its mean and p99 end-to-end latency and its decode speed for long answers are better.",
-        "- The live run is short, open-loop and non-streamed, on a 2-core machine shared with "
-        "other work: a check that the gateway path behaves as the simulator says, not a "
-        "benchmark of its own.",
+        "its mean and p99 end-to-end latency are lower.",
+        "- The live run is short (a minute of arrivals from an empty fleet), open-loop, one "
+        "request in ten streamed, on a 2-core machine that the gateway, the engines and the "
+        "load generator share with other work: a check that the gateway path behaves as the "
+        "simulator says, not a benchmark of its own. A single slice's predicted-latency gain "
+        "moves by a few points with millisecond timing (the jittered simulator runs).",
+        "- At a time scale other than 1 the live gateway's clock is wall-clock time, so the "
+        "recent prompt rate it prices prefill with is per wall-clock second (half the modelled "
+        "rate at time scale 2); the simulator's is per modelled second.",
         "",
         "## Reproduce",
         "",
         "```sh",
-        "make bench-routing        # simulator: predictor, capacity, 36 runs, decision cost",
-        "make bench-routing-live   # live replay, 4 engines, time_scale 1, 60 s of arrivals",
-        "# the same, engines at half speed so that this machine's CPU distorts less:",
+        "make bench-routing        # simulator: predictor, capacity, 36 + 6 runs, decision cost",
+        "make bench-routing-live   # live replay and the same slice simulated, 4 engines,",
+        "                          # time_scale 1, 60 s of arrivals, 5 jittered simulator runs",
+        "# the same, engines at half speed:",
         ".venv/bin/python benchmarks/routing_live.py --seconds 40 --time-scale 2 \\",
         "    --policies predicted-latency,round-robin",
         "```",

@@ -4,9 +4,10 @@ One config (three simulated engines that each take two requests in flight, round
 with two waiting requests per tenant) runs twice: through `gateway.simulate.GateFrontend` on
 the cluster simulator, and through the gateway in-process with the official client. The
 simulator's timeline (arrivals, and ends at the lengths the engines generate) is the script:
-the live run sends each request when the simulator's clock reached its arrival, once the
-gateway has decided on the one before (started it, queued it or refused it), and ends a
-request where the simulator finished it by closing its stream (its live length is far longer,
+the live run sends the requests in the simulator's order of events, each once the gateway has
+decided on the event before (started, queued or refused the request; started the next waiting
+one in the place of one that ended), and ends a request where the simulator finished it by
+closing its stream (its live length is far longer,
 so no live request ends on its own). Then every request must have the same fate in both: refused
 or not, started at its arrival or queued, the engine it ran on, and the event at which it
 started.
@@ -21,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import openai
-from openai._legacy_response import LegacyAPIResponse
 
 from benchmarks.routing_sim import frontend, simulate, specs_of
 from engines.cluster import Job
@@ -47,8 +47,8 @@ class Arrival:
 
 
 # Six fill the engines, four wait, two find their tenant's queue full; the first ends start
-# the waiting ones where they ended; later arrivals find one engine with room, then none, then,
-# once all is done, every engine idle.
+# the waiting ones where they ended; later arrivals find two engines with room, then none, and,
+# once all is done, every engine idle (round robin's turn carries over).
 SEQUENCE = (
     *(Arrival(0.001 * i, ("acme", "globex")[i % 2], 100 * (i + 1)) for i in range(6)),
     Arrival(0.010, "acme", 2000),
@@ -74,9 +74,9 @@ def config_doc() -> dict[str, Any]:
     return doc
 
 
-def body(i: int, stream: bool = True) -> dict[str, Any]:
+def body(i: int) -> dict[str, Any]:
     return {"model": MODEL, "messages": [{"role": "user", "content": f"Request {i}, please."}],
-            "max_tokens": LIVE_OUTPUT, "stream": stream}  # fmt: skip
+            "max_tokens": LIVE_OUTPUT, "stream": True}  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,12 +135,12 @@ async def live(start_gateway: GatewayFactory, events: list[tuple[str, int]]) -> 
     }  # fmt: skip
     core = gw.gate.core
     waiting = core.dispatcher.policy(MODEL).waiting
-    tasks: dict[int, asyncio.Task[LegacyAPIResponse[Any]]] = {}
+    tasks: dict[int, asyncio.Task[Any]] = {}  # the raw responses (headers) of the streams
     ended: set[int] = set()
     fates: list[Fate | None] = [None] * len(SEQUENCE)
     outcome: dict[int, str] = {}
 
-    async def send(i: int) -> LegacyAPIResponse[Any]:
+    async def send(i: int) -> Any:
         b = body(i)
         return await clients[SEQUENCE[i].tenant].chat.completions.with_raw_response.create(
             model=MODEL, messages=b["messages"], max_tokens=LIVE_OUTPUT, stream=True,
