@@ -19,6 +19,7 @@ from pydantic import (
     AfterValidator,
     BeforeValidator,
     Field,
+    StrictBool,
     StrictFloat,
     StrictInt,
     StrictStr,
@@ -86,6 +87,8 @@ class ServerConfig:
     # SO_SNDBUF of a streaming client's socket (0: the kernel's autotuning): bounds the kernel
     # memory a client that reads slowly can hold, and how much it may fall behind.
     send_buffer_bytes: Annotated[StrictInt, Field(ge=0)] = 0
+    # From a request head's first byte to its last; past it, 408 and the connection closes.
+    head_timeout_s: Positive = 15.0
 
 
 def _random_if_negative(seed: int | None) -> int | None:
@@ -179,6 +182,9 @@ class _TenantTable:
     tokens_per_minute: Rate = 0.0  # 0 = no token bucket
     burst_tokens: Rate = 0.0  # defaults to one minute of tokens
     rpm: Natural = 0  # requests per minute under policy "rpm"; 0 = fairness.rpm_limit
+    max_n: Count = 8  # the most completions one request may ask for: max(n, best_of)
+    max_top_logprobs: Annotated[StrictInt, Field(ge=0, le=1000)] = 20  # (top_/prompt_)logprobs
+    cache_salt: StrictBool = True  # the gateway salts the engines' prefix cache per tenant
     apps: dict[str, _AppTable] = Field(default_factory=dict)
     keys: tuple[_TenantKey, ...] = ()
 
@@ -204,6 +210,9 @@ class TenantConfig:
     tokens_per_minute: float = 0.0  # 0 = no token bucket
     burst_tokens: float = 0.0
     rpm: int = 0  # requests per minute under policy "rpm"; 0 = fairness.rpm_limit
+    max_n: int = 8  # the most completions one request may ask for: max(n, best_of)
+    max_top_logprobs: int = 20  # the most `top_logprobs`, `logprobs` or `prompt_logprobs`
+    cache_salt: bool = True  # the gateway salts the engines' prefix cache per tenant
 
 
 def _tenant_keys(tenants: dict[str, _TenantTable]) -> dict[str, list[Loc]]:
@@ -292,7 +301,9 @@ def _tenant(name: str, t: _TenantTable) -> TenantConfig:
     first = next(iter(apps))
     digests = {k.sha256: first if k.app is None else k.app for k in t.keys}
     return TenantConfig(name, t.weight, apps, digests, tokens_per_minute=t.tokens_per_minute,
-                        burst_tokens=t.burst_tokens or t.tokens_per_minute, rpm=t.rpm)  # fmt: skip
+                        burst_tokens=t.burst_tokens or t.tokens_per_minute, rpm=t.rpm,
+                        max_n=t.max_n, max_top_logprobs=t.max_top_logprobs,
+                        cache_salt=t.cache_salt)  # fmt: skip
 
 
 _DOCUMENT = TypeAdapter(_Document)

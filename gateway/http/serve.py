@@ -15,9 +15,11 @@ import signal
 import structlog
 from aiohttp import web
 
+from gateway.http.server import HeadDeadline
 from gateway.http.state import GATEWAY, Gateway
 
 log = structlog.get_logger("fairway")
+KEEPALIVE_S = 75.0  # an idle keep-alive connection is closed after this long (nginx's default)
 
 
 def busy(gw: Gateway) -> int:
@@ -38,9 +40,19 @@ async def serve(app: web.Application, host: str, port: int, backlog: int) -> Non
     loop = asyncio.get_running_loop()
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
+    listening: asyncio.Server | None = None
     try:
-        site = web.TCPSite(runner, host, port, backlog=backlog)
-        await site.start()
+        server = runner.server
+        assert server is not None
+        head_timeout = app[GATEWAY].cfg.server.head_timeout_s
+
+        def connection() -> HeadDeadline:
+            # access_log=None: no access log line (the gateway logs each request itself).
+            return HeadDeadline(server, loop=loop, head_timeout=head_timeout,
+                                keepalive_timeout=KEEPALIVE_S, access_log=None)  # fmt: skip
+
+        listening = await loop.create_server(connection, host, port, backlog=backlog,
+                                             reuse_address=True)  # fmt: skip
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
@@ -60,4 +72,6 @@ async def serve(app: web.Application, host: str, port: int, backlog: int) -> Non
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        if listening is not None:
+            listening.close()
         await runner.cleanup()
