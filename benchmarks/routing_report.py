@@ -228,9 +228,12 @@ def _explain(doc: dict[str, Any], path: Path) -> list[str]:
     return [
         "On the benchmark slice the gate core's in-flight limits change nothing at this load "
         f"({queued} requests queued), while gauges 2 s old take predicted-latency from "
-        f"{gains[1]:+.1%} to {gains[2]:+.1%} against round robin: it counts an engine's "
-        "scraped running and waiting requests when they exceed the gateway's own, and those "
-        "still include the requests that ended since the scrape. That is the frontend's share "
+        f"{gains[1]:+.1%} to {gains[2]:+.1%} against round robin: it counts the gateway's own "
+        "requests at an engine from the ledger, fresh, and of the scraped running and waiting "
+        "requests only those beyond what the gateway had there at the scrape, so the requests "
+        "that ended since the scrape no longer weigh on it; the waiting count it prices queued "
+        "prefill with is still as scraped (at most the requests it counts there). That is the "
+        "frontend's share "
         "of the difference between a simulator that routed straight to engines with fresh "
         f"gauges ({gains[0]:+.1%}) and the live gateway. On the live run's slice (its first "
         f"{first[0]['seconds']:g} s of arrivals, from an empty fleet) the simulator gives "
@@ -243,6 +246,24 @@ def _explain(doc: dict[str, Any], path: Path) -> list[str]:
         "simulator does not have. What is left for the simulator itself is no larger than its "
         "own spread on one slice.",
         "",
+    ]
+
+
+def _staleness(doc: dict[str, Any]) -> list[str]:
+    """The Limits entry on the gauges' age, with the ablation's figures."""
+    front = doc.get("frontend") or []
+    variants = list(dict.fromkeys(r["variant"] for r in front))
+    if len(variants) < 3:
+        return []
+    fresh, stale = (_gain({r["policy"]: r for r in front if r["variant"] == v})
+                    for v in variants[1:3])  # fmt: skip
+    return [
+        "- Predicted-latency reads other clients' load at an engine from its gauges, as of the "
+        "last scrape: the scraped running + waiting count less what the gateway had in flight "
+        "there at the scrape (its own requests it counts from the ledger, fresh). The waiting "
+        "and KV gauges it reads as scraped. With gauges 2 s old it gains "
+        f"{stale:+.1%} against round robin, {fresh:+.1%} with fresh ones (What the gate core "
+        "changes, above).",
     ]
 
 
@@ -281,8 +302,10 @@ def write_report(doc: dict[str, Any], out: Path) -> None:
         "",
         "`gateway/routing/latency.py`. For each healthy engine of the model it prices, from the "
         "engine's snapshot (the gateway's own in-flight requests, prompt tokens and predicted "
-        "output tokens there; the running, waiting and KV gauges scraped from its `/metrics`) "
-        "and the roofline perf model of its GPU and model (docs/ENGINE.md, in closed form):",
+        "output tokens there; the running, waiting and KV gauges scraped from its `/metrics`, "
+        "with what the gateway had in flight there at the scrape, so that the scraped requests "
+        "beyond it count as other clients' load) and the roofline perf model of its GPU and "
+        "model (docs/ENGINE.md, in closed form):",
         "",
         "- the request's own latency there: prefill queued ahead, its own chunked prefill "
         "sharing steps with the decodes, a wait for a sequence slot or KV room when the engine "
@@ -394,14 +417,11 @@ def write_report(doc: dict[str, Any], out: Path) -> None:
         "",
         "- The predictor's features are synthetic (see Workload); its MAE here says the "
         "pipeline learns what the features carry, not how well real traffic can be predicted.",
-        "- Predicted-latency takes the larger of an engine's scraped running + waiting count and "
-        "the gateway's own in-flight count there, so requests that ended since the last scrape "
-        "still weigh on it: with gauges 2 s old it gains about half of what it gains with fresh "
-        "ones (What the gate core changes, above).",
+        *_staleness(doc),
         "- The prediction cost is mostly LightGBM's per-call overhead for one row (two "
         "boosters), not the trees; it is paid once per request, on the event loop.",
         "- Predicted-latency trades TTFT for end-to-end latency: its mean and p99 TTFT are "
-        "higher than the baselines' (it packs short requests where long ones are not), while "
+        "higher than round robin's (it packs short requests where long ones are not), while "
         "its mean and p99 end-to-end latency are lower.",
         "- The live run is short (a minute of arrivals from an empty fleet), open-loop, one "
         "request in ten streamed, on a 2-core machine that the gateway, the engines and the "

@@ -63,6 +63,7 @@ class _Engine:
     running: int = 0
     waiting: int = 0
     kv_usage: float = 0.0
+    in_flight_at_scrape: int = 0  # the gateway's own requests there at the scrape
     routable: bool = True
 
     @property
@@ -136,9 +137,11 @@ class GateFrontend:
         views = self._views.get(model, [])
         if self._now - self._scraped_at >= self.scrape_interval:
             self._scraped_at = self._now
+            in_flight = self.core.ledger.in_flight
             for models in self._views.values():
                 for v in models:
                     v.running, v.waiting, v.kv_usage = v.engine.gauges()
+                    v.in_flight_at_scrape = in_flight(v.id)
         return views
 
     # engines.cluster.Frontend ---------------------------------------------------------------

@@ -23,6 +23,7 @@ class _Engine:
     running: int = 0
     waiting: int = 0
     kv_usage: float = 0.0
+    in_flight_at_scrape: int = 0
 
 
 class _Fleet:

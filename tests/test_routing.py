@@ -24,10 +24,12 @@ def req(prompt: int = 100, out: int | None = 100, regions: tuple[str, ...] = ())
 
 
 def snap(eid: str, in_flight: int = 0, prompt: int = 0, decode: int = 0, region: str = "r0",
-         running: int = 0, waiting: int = 0, kv: float = 0.0) -> EngineSnapshot:  # fmt: skip
+         running: int = 0, waiting: int = 0, kv: float = 0.0,
+         at_scrape: int = 0) -> EngineSnapshot:  # fmt: skip
     return EngineSnapshot(id=eid, region=region, model="m", running=running, waiting=waiting,
                           kv_usage=kv, in_flight=in_flight, in_flight_prompt_tokens=prompt,
-                          in_flight_decode_tokens=decode)  # fmt: skip
+                          in_flight_decode_tokens=decode,
+                          in_flight_at_scrape=at_scrape)  # fmt: skip
 
 
 def test_round_robin_cycles() -> None:
@@ -85,6 +87,35 @@ def test_long_decode_avoids_heavy_kv_and_short_one_tolerates_it() -> None:
     # The prompt-heavy request costs others through its prefill: more streams, more delay.
     quiet = snap("quiet", in_flight=5, prompt=5_000, decode=500)
     assert pl.cost(quiet, 6000, 10) < pl.cost(many_short, 6000, 10)
+
+
+def test_stale_gauges_count_only_the_load_the_gateway_did_not_send() -> None:
+    """The gauges lag the ledger: of an engine's scraped running + waiting, what the gateway
+    had in flight there at the scrape is its own, counted fresh from the ledger instead."""
+    pl = PredictedLatency()
+    load = {"in_flight": 10, "prompt": 10_000, "decode": 2_000}
+    # Scraped with 60 of the gateway's requests there; 50 of them have ended since.
+    stale = snap("stale", **load, running=60, at_scrape=60)
+    fresh = snap("fresh", **load, running=10, at_scrape=10)
+    # Scraped idle; the gateway has sent its 10 since.
+    unseen = snap("unseen", **load)
+    assert pl.cost(stale, 500, 200) == pl.cost(fresh, 500, 200) == pl.cost(unseen, 500, 200)
+    assert {pl.choose(req(), [stale, fresh]) for _ in range(4)} == {"stale", "fresh"}
+    # 50 of the 60 scraped are other clients' requests: they still weigh on the engine.
+    foreign = snap("foreign", **load, running=60, at_scrape=10)
+    assert pl.cost(foreign, 500, 200) > pl.cost(fresh, 500, 200)
+    assert {pl.choose(req(), [foreign, fresh]) for _ in range(4)} == {"fresh"}
+    # More of its own at the scrape than the engine reported: no negative foreign load.
+    early = snap("early", **load, running=5, at_scrape=8)
+    assert pl.cost(early, 500, 200) == pl.cost(fresh, 500, 200)
+    # Region utilisation reads the same counts.
+    prof = EngineProfile.named()
+    hot_stale = [replace(stale, region="east", running=250, in_flight_at_scrape=250)]
+    hot_foreign = [replace(foreign, region="east", running=250)]
+    west = [snap("w1", region="west", kv=0.1)]
+    r = req(regions=("east",))
+    assert [e.id for e in prefer_regions(r, hot_stale + west, 0.7, {}, prof)] == ["stale"]
+    assert [e.id for e in prefer_regions(r, hot_foreign + west, 0.7, {}, prof)] == ["w1"]
 
 
 def test_region_preference_stays_until_the_threshold() -> None:

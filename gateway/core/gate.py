@@ -43,6 +43,8 @@ class EngineView(Protocol):
     def waiting(self) -> int: ...
     @property
     def kv_usage(self) -> float: ...
+    @property
+    def in_flight_at_scrape(self) -> int: ...  # the ledger's in-flight count at the scrape
 
 
 class Fleet(Protocol):
@@ -126,6 +128,7 @@ class GateCore:
             out.append(EngineSnapshot(
                 id=e.id, region=e.region, model=e.model, healthy=True, running=e.running,
                 waiting=e.waiting, kv_usage=e.kv_usage, in_flight=load.requests,
+                in_flight_at_scrape=e.in_flight_at_scrape,
                 in_flight_prompt_tokens=load.prompt_tokens,
                 in_flight_decode_tokens=load.decode_tokens, recent_prompt_rate=load.prompt_rate,
                 recent_prompt_at=load.prompt_at,

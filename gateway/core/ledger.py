@@ -40,6 +40,9 @@ class EngineSnapshot:
     waiting: int = 0  # scraped (vllm:num_requests_waiting)
     kv_usage: float = 0.0  # scraped (vllm:kv_cache_usage_perc), 0..1
     in_flight: int = 0  # requests the gateway has open there now
+    # Requests the gateway had open there when the gauges were scraped: those of the scraped
+    # running + waiting that are its own, the rest being other clients' load.
+    in_flight_at_scrape: int = 0
     in_flight_prompt_tokens: int = 0
     # Output tokens the gateway expects from what it has in flight there (predicted lengths).
     in_flight_decode_tokens: int = 0

@@ -42,6 +42,8 @@ def parse_vllm_metrics(text: str) -> dict[str, float]:
 
 
 EventHook = Callable[[EngineState, str], None]
+# The gateway's own requests in flight at an engine (by id) now: the ledger's count.
+InFlight = Callable[[str], int]
 
 
 async def probe(
@@ -50,8 +52,11 @@ async def probe(
     session: aiohttp.ClientSession,
     probe_timeout: float,
     on_change: EventHook,
+    in_flight: InFlight | None = None,
 ) -> None:
-    """One probe: `GET /health`, then the load gauges from `GET /metrics`."""
+    """One probe: `GET /health`, then the load gauges from `GET /metrics`, with the
+    gateway's own in-flight count there (`in_flight`) when the engine answered: that many of
+    the scraped running + waiting requests are the gateway's."""
     headers = {"Authorization": f"Bearer {engine.api_key}"} if engine.api_key else {}
     to = aiohttp.ClientTimeout(total=probe_timeout)
     try:
@@ -60,10 +65,13 @@ async def probe(
         if ok:
             async with session.get(f"{engine.url}/metrics", timeout=to, headers=headers) as resp:
                 if resp.status == 200:
+                    mine = in_flight(engine.id) if in_flight is not None else 0
                     gauges = parse_vllm_metrics(await resp.text())
                     engine.running = int(gauges.get("running", engine.running))
                     engine.waiting = int(gauges.get("waiting", engine.waiting))
                     engine.kv_usage = gauges.get("kv_usage", engine.kv_usage)
+                    if "running" in gauges or "waiting" in gauges:
+                        engine.in_flight_at_scrape = mine
     except (aiohttp.ClientError, TimeoutError, UnicodeDecodeError):
         ok = False
     if ok:
@@ -79,12 +87,14 @@ async def health_loop(
     interval: float,
     probe_timeout: float,
     on_change: EventHook,
+    in_flight: InFlight | None = None,
 ) -> None:
-    """Probe every engine every `interval` seconds until cancelled."""
+    """Probe every engine every `interval` seconds until cancelled; `in_flight` gives the
+    gateway's own requests open at an engine, recorded with its gauges."""
     while True:
         await asyncio.gather(
             *(
-                probe(registry, e, session, probe_timeout, on_change)
+                probe(registry, e, session, probe_timeout, on_change, in_flight)
                 for e in registry.engines.values()
             )
         )

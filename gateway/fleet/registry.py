@@ -32,6 +32,7 @@ class EngineState:
     running: int = 0
     waiting: int = 0
     kv_usage: float = 0.0
+    in_flight_at_scrape: int = 0  # the gateway's own requests there when the gauges were read
 
     @property
     def routable(self) -> bool:

@@ -91,13 +91,28 @@ class EngineProfile:
         return cls.of(PerfModel.named(gpu, arch, tp), max_num_seqs, max_batched_tokens)
 
 
+def others(e: EngineSnapshot) -> int:
+    """Requests at `e` that the gateway did not send: the scraped running + waiting less the
+    gateway's own in flight there at the scrape. Those of its own that ended since the scrape
+    are in both, so they drop out; the ones it sent since are in neither."""
+    n = e.running + e.waiting - e.in_flight_at_scrape
+    return n if n > 0 else 0
+
+
+def engine_load(e: EngineSnapshot) -> int:
+    """Requests at `e` now, as far as the gateway can tell: its own in flight (exact) and
+    others' as of the last scrape."""
+    return e.in_flight + others(e)
+
+
 def region_utilisation(engines: Sequence[EngineSnapshot], profiles: Mapping[str, EngineProfile],
                        default: EngineProfile) -> float:  # fmt: skip
-    """Mean over the engines of the larger of KV use and sequence slots in use."""
+    """Mean over the engines of the larger of KV use and sequence slots in use (the
+    gateway's requests there now and others' from the gauges: `engine_load`)."""
     total = 0.0
     for e in engines:
         slots = profiles.get(e.id, default).max_num_seqs
-        total += max(e.kv_usage, max(e.in_flight, e.running + e.waiting) / slots)
+        total += max(e.kv_usage, engine_load(e) / slots)
     return total / len(engines) if engines else 1.0
 
 
@@ -206,16 +221,22 @@ class PredictedLatency:
             ct, cp, mw, mk, oh, slots, budget, kv_cap = c
             mine, prompt, decode, waiting = (e.in_flight, e.in_flight_prompt_tokens,
                                              e.in_flight_decode_tokens, e.waiting)  # fmt: skip
-            n = e.running + waiting
-            if mine > n:
-                n = mine  # the gauges lag; what the gateway sent is there now
+            # The gateway's own requests from the ledger (exact now), others' from the gauges:
+            # the scraped count less what the gateway had there at the scrape, so that its
+            # requests that ended since then do not count as load.
+            foreign = e.running + waiting - e.in_flight_at_scrape
+            if foreign < 0:
+                foreign = 0
+            n = mine + foreign
+            if waiting > n:
+                waiting = n  # the gauge is older than the ledger: no more wait than are there
             r = n if n < slots else slots
             per_req = decode / mine if mine else o
             prompt_mean = prompt / mine if mine else p
             # KV held now: every prompt, and on average half of every expected output.
             ctx = prompt + 0.5 * decode
-            if n > mine:  # others' requests, seen only in the scraped gauges
-                ctx += (n - mine) * (prompt_mean + 0.5 * per_req)
+            if foreign:  # others' requests, seen only in the scraped gauges
+                ctx += foreign * (prompt_mean + 0.5 * per_req)
             # Decode step without and with this request in the batch (compute vs memory roof).
             if r:
                 c0, m0 = ct * r + cp * ctx, mw + mk * (ctx + r)
