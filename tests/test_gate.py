@@ -4,6 +4,7 @@ limits, the admin view and the metrics, with the official OpenAI client."""
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -231,7 +232,7 @@ async def test_admin_view_needs_the_admin_key(
 
 
 @pytest.fixture
-async def redis_url(tmp_path: Any) -> Any:
+async def redis_server(tmp_path: Any) -> Any:
     """A real redis-server on a free port (the set-up installs Debian's package)."""
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
@@ -251,10 +252,15 @@ async def redis_url(tmp_path: Any) -> Any:
                 assert asyncio.get_running_loop().time() < deadline, "redis-server did not start"
                 await asyncio.sleep(0.02)
         await r.aclose()
-        yield f"redis://127.0.0.1:{port}/0"
+        yield f"redis://127.0.0.1:{port}/0", proc
     finally:
         proc.terminate()
         await proc.wait()
+
+
+@pytest.fixture
+def redis_url(redis_server: tuple[str, Any]) -> str:
+    return redis_server[0]
 
 
 async def test_two_replicas_share_one_limit_through_redis(
@@ -274,14 +280,67 @@ async def test_two_replicas_share_one_limit_through_redis(
     await asyncio.gather(*holds)
 
 
-async def test_unreachable_redis_fails_open(start_gateway: GatewayFactory) -> None:
+async def test_unreachable_redis_serves_on_local_buckets(
+    start_gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
     cfg = fair_config("wsc")
     cfg["tenants"]["acme"].update(tokens_per_minute=600)
     cfg["state"] = {"backend": "redis", "redis_url": f"redis://127.0.0.1:{free_port()}/0"}
     server, _ = await start_gateway(cfg)
-    raw = await chat(client_for(server, ACME), 4)
-    assert raw.http_response.status_code == 200
-    assert "x-ratelimit-limit-tokens" not in raw.headers  # no bucket could be read
+    for _ in range(4):
+        raw = await chat(client_for(server, ACME), 4)
+        assert raw.http_response.status_code == 200
+    assert "x-ratelimit-limit-tokens" in raw.headers  # this replica's own bucket
+    text = await (await http.get(server.make_url("/metrics"))).text()
+    assert scrape(text, "fairway_state_backend_up") == 0  # the breaker opened
+
+
+async def test_a_slow_redis_costs_a_bounded_delay_and_is_paid_back(
+    start_gateway: GatewayFactory, redis_server: tuple[str, Any], http: aiohttp.ClientSession
+) -> None:
+    url, proc = redis_server
+    cfg = fair_config("wsc", max_running=8)
+    cfg["tenants"]["acme"].update(tokens_per_minute=6, burst_tokens=100_000)  # ~no refill
+    cfg["state"] = {"backend": "redis", "redis_url": url, "timeout_s": 0.2, "open_after": 2,
+                    "probe_interval_s": 0.1}  # fmt: skip
+    server, gw = await start_gateway(cfg)
+    acme = client_for(server, ACME)
+    store = gw.gate.store
+    keys = [("acme", next(lim for k, lim in _keys(gw) if k == "acme"))]
+    await chat(acme, 4)
+    (before,) = await store.levels(keys)
+    proc.send_signal(signal.SIGSTOP)  # Redis hangs: every call times out
+    try:
+        loop = asyncio.get_running_loop()
+        took = []
+        for _ in range(6):
+            t0 = loop.time()
+            raw = await chat(acme, 4)
+            took.append(loop.time() - t0)
+            assert raw.http_response.status_code == 200
+        # Two calls wait out the timeout (admission, then settling) before the breaker opens;
+        # after that nothing waits for Redis.
+        assert max(took) < 1.5, took
+        assert sum(took[3:]) < 0.5 * sum(took[:2]) + 0.3, took
+        text = await (await http.get(server.make_url("/metrics"))).text()
+        assert scrape(text, "fairway_state_backend_up") == 0
+        owed = sum(t for _, t in store.owed.values())
+        assert owed > 0
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    await wait_for(lambda: store.up, within=10)
+    (after,) = await store.levels(keys)
+    # What was charged during the outage reached Redis once: neither forgiven nor doubled.
+    assert abs((before - after) - owed) < 2.0 + 0.1 * owed / 100, (before, after, owed)
+    text = await (await http.get(server.make_url("/metrics"))).text()
+    assert scrape(text, "fairway_state_backend_up") == 1
+
+
+def _keys(gw: Any) -> Any:
+    from gateway.core.admission import bucket_keys
+
+    tenant = gw.cfg.tenants["acme"]
+    return bucket_keys(tenant, tenant.apps["chat"])
 
 
 async def test_a_refused_first_call_opens_no_interaction(start_gateway: GatewayFactory) -> None:

@@ -4,6 +4,7 @@ serve, flattened into one `EngineConfig` each."""
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from collections.abc import Iterator
 from typing import Annotated, Literal, Self
@@ -17,6 +18,8 @@ from gateway.config.fields import TABLE, Count, Name, Natural, Problem, one_of, 
 EngineKind = Literal["sim", "vllm"]
 _GPUS = tuple(sorted(GPUS))
 _ARCHS = tuple(sorted(MODELS))
+
+_HEADER_SAFE = re.compile(r"[\x21-\x7e]+")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, config=TABLE)
@@ -47,6 +50,12 @@ class EngineTable:
             problems.append((("url",), url, why))
         if env and env not in os.environ:
             problems.append((("api_key_env",), env, f": environment variable {env} is not set"))
+        # The key goes into an Authorization header: only visible ASCII, so that it can neither
+        # break the header's framing nor fail to encode.
+        key = os.environ.get(env, "") if env else self.api_key
+        if key and not _HEADER_SAFE.fullmatch(key):
+            where, shown = (("api_key_env",), env) if env else (("api_key",), "<hidden>")
+            problems.append((where, shown, "must hold only visible ASCII characters"))
         report(problems)
         return self
 

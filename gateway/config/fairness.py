@@ -42,3 +42,8 @@ class StateConfig:
     backend: StateBackend = "memory"
     redis_url: Annotated[StrictStr, AfterValidator(_redis_url)] = "redis://127.0.0.1:6379/0"
     prefix: StrictStr = "fairway:"
+    # Each Redis call may take this long; after `open_after` failures in a row the gateway
+    # stops asking Redis and serves on local buckets, probing Redis every `probe_interval_s`.
+    timeout_s: Annotated[StrictFloat, Field(gt=0, le=10)] = 0.25
+    open_after: Count = 3
+    probe_interval_s: Positive = 1.0

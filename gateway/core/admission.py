@@ -178,11 +178,14 @@ def bucket_keys(tenant: TenantConfig, app: AppConfig) -> Keyed:
     return keys
 
 
-def expected_output(app: AppConfig, max_tokens: int | None, predicted: int | None = None) -> int:
+def expected_output(
+    app: AppConfig, max_tokens: int | None, predicted: int | None = None, n: int = 1
+) -> int:
     """Output tokens a request is expected to produce: the length predictor's median when the
-    gateway has one, else its application's declared expectation; never above `max_tokens`."""
+    gateway has one, else its application's declared expectation, never above `max_tokens`;
+    times the completions it asks for (`n`: max(n, best_of)), each about as long as one."""
     e = predicted if predicted is not None else app.expected_output_tokens
-    return max(1, min(e, max_tokens or e))
+    return max(1, min(e, max_tokens or e)) * max(1, n)
 
 
 def unit_cost(app: AppConfig, prices: Prices) -> float:
@@ -194,7 +197,7 @@ class Admitting:
     """What the buckets must decide for one request, and its ticket if they let it in."""
 
     keys: Keyed
-    cost: float  # tokens charged now: prompt + expected output
+    cost: float  # tokens charged now: prompt + expected output (of every completion asked)
     need: float  # tokens the buckets must hold under overload (a whole interaction's worth)
     enforce: bool  # overloaded and not continuing an interaction
     ticket: Ticket
@@ -212,7 +215,7 @@ class Admission:
     def prepare(self, info: RequestInfo, now: float) -> Admitting:
         tenant = self.cfg.tenants[info.tenant]
         app = tenant.apps[info.app]
-        out = expected_output(app, info.max_tokens, info.predicted_output_tokens)
+        out = expected_output(app, info.max_tokens, info.predicted_output_tokens, info.n)
         cost = float(info.prompt_tokens + out)
         continuing = self.interactions.in_progress(info.tenant, info.interaction_id, now)
         opens = info.interaction_id is not None and not continuing

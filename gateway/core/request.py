@@ -32,3 +32,5 @@ class RequestInfo:
     # The length predictor's median and upper quantile of output tokens (None: not predicted).
     predicted_output_tokens: int | None = None
     predicted_output_upper: int | None = None
+    # Completions the engine generates for it: max(n, best_of), each about as long as one.
+    n: int = 1

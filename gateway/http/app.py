@@ -18,7 +18,7 @@ from gateway.config.schema import Config
 from gateway.fleet.health import health_loop
 from gateway.fleet.manager import FleetManager
 from gateway.fleet.registry import EngineRegistry, EngineState
-from gateway.http import admin
+from gateway.http import admin, openapi
 from gateway.http.auth import KeyRing
 from gateway.http.errors import openai_errors
 from gateway.http.gate import Gate
@@ -66,11 +66,13 @@ def build_app(
             flog = FeatureLog(rc.feature_log_dir, rc.feature_log_max_bytes, rc.feature_log_keep)
         lengths = LengthService(LengthPredictor(rc.model_path or None), flog,
                                 rc.preferred_regions)  # fmt: skip
-        store: BucketStore = (
-            RedisStore(cfg.state.redis_url, cfg.state.prefix)
-            if cfg.state.backend == "redis"
-            else MemoryStore()
-        )
+        st = cfg.state
+        store: BucketStore = MemoryStore()
+        if st.backend == "redis":
+            store = RedisStore(st.redis_url, st.prefix, timeout_s=st.timeout_s,
+                               open_after=st.open_after, probe_interval_s=st.probe_interval_s,
+                               on_change=metrics_.state_up.set)  # fmt: skip
+        metrics_.state_up.set(1)
         gate = Gate(cfg, registry, router, store, metrics_)
         gw = Gateway(cfg, KeyRing(cfg.tenants, cfg.admin.key_digests), metrics_, registry, proxy,
                      session, gate, FleetManager(lambda: gw.cfg, registry, gate.core, gate.poll,
@@ -96,7 +98,7 @@ def build_app(
 
             probes = health_loop(
                 registry, session, cfg.server.health_interval_s, cfg.server.health_timeout_s,
-                on_change,
+                on_change, gate.core.ledger.in_flight,
             )  # fmt: skip
             tasks.append(loop.create_task(probes))
             if path is not None:
@@ -126,6 +128,7 @@ def build_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     admin.add_routes(app.router)
+    app.router.add_get("/openapi.json", openapi.serve)
     return app
 
 

@@ -17,7 +17,14 @@ from prometheus_client import generate_latest
 from engines.protocol import json_response
 from gateway.core.errors import ApiError
 from gateway.core.request import Endpoint, RequestInfo
-from gateway.http.request import INTERACTION_HEADER, measure, parse_body
+from gateway.http.request import (
+    INTERACTION_HEADER,
+    apply_tenant_policy,
+    check_encoding,
+    check_headers,
+    measure,
+    parse_body,
+)
 from gateway.http.state import GATEWAY, Gateway
 from gateway.lengths.features import Record
 from gateway.lengths.service import REGIONS_HEADER
@@ -45,6 +52,12 @@ async def _proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
                            headers={"Retry-After": "1", "Connection": "close"})  # fmt: skip
         principal = gw.keys.authenticate(request.headers.get("Authorization"))
         tenant, app = principal.tenant, principal.app
+        interaction = request.headers.get(INTERACTION_HEADER)
+        regions = request.headers.get(REGIONS_HEADER)
+        check_headers(interaction, regions)
+        # aiohttp decodes gzip and deflate in bounded steps; read() holds the decoded body to
+        # server.max_body_bytes.
+        encoding = check_encoding(request.headers.get("Content-Encoding"))
         try:
             if request.content.is_eof():  # the usual case: the body came with the headers
                 raw = await request.read()
@@ -63,6 +76,13 @@ async def _proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
                 f"Request body is larger than the limit of {gw.cfg.server.max_body_bytes} bytes.",
                 code="request_too_large",
             ) from None
+        except web.RequestPayloadError:
+            raise ApiError(
+                400,
+                f"The request body could not be read as Content-Encoding {encoding}.",
+                param="Content-Encoding",
+                code="invalid_request",
+            ) from None
         body = parse_body(raw, endpoint)
         model = body["model"]
         if model not in gw.registry.models:
@@ -72,10 +92,10 @@ async def _proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
                 param="model",
                 code="model_not_found",
             )
-        info = measure(body, endpoint, principal, rid, request.headers.get(INTERACTION_HEADER),
-                       arrival)  # fmt: skip
+        apply_tenant_policy(body, endpoint, gw.cfg.tenants[tenant])
+        info = measure(body, endpoint, principal, rid, interaction, arrival)
         if gw.lengths is not None:
-            predicted = gw.lengths.annotate(info, body, request.headers.get(REGIONS_HEADER))
+            predicted = gw.lengths.annotate(info, body, regions)
             info = predicted[0]
         admitted = await gw.gate.enter(info)
         out.headers = {**admitted.headers, **out.headers}

@@ -79,6 +79,11 @@ class GatewayMetrics:
             "Requests refused with 429 by the token buckets while their model was overloaded.",
             ["tenant", "app"], registry=reg,
         )  # fmt: skip
+        self.state_up = Gauge(
+            "fairway_state_backend_up",
+            "1 while the shared state backend (Redis) answers, 0 while buckets are local.",
+            registry=reg,
+        )
         self.config_reloads = Counter(
             "fairway_config_reloads",
             "Config reloads (SIGHUP or POST /admin/reload) by result: ok or error.",
