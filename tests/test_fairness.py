@@ -113,9 +113,9 @@ def test_bucket_refills_caps_and_reports_the_wait() -> None:
     assert ok.admitted and ok.remaining == 20
     no = decide([("t", lim, b)], cost=80, need=80, enforce=True, now=1.0)  # 30 now
     assert not no.admitted and no.retry_after_s == pytest.approx(5.0)
-    # Not enforced (no overload): charged anyway, into debt of at most one burst.
+    # Not enforced (no overload): charged anyway, into debt, in full.
     assert decide([("t", lim, b)], cost=500, need=500, enforce=False, now=1.0).admitted
-    assert b.level == -100
+    assert b.level == -470
     b.refill(lim, 1000.0)
     assert b.level == 100
     assert format_reset(0.25) == "250ms" and format_reset(360) == "6m0s"
@@ -139,6 +139,32 @@ def test_interactions_are_in_progress_within_their_ttl() -> None:
     seen.touch("t", "i2", 31.0)
     seen.touch("t", "i3", 31.0)
     assert len(seen) == 2
+
+
+def test_an_interaction_ends_after_its_calls_or_its_lifetime() -> None:
+    seen = Interactions(ttl_s=10.0, lifetime_s=25.0)
+    assert not seen.touch("t", "i", 0.0, max_calls=3)  # opens
+    assert seen.in_progress("t", "i", 1.0, max_calls=3)
+    assert seen.touch("t", "i", 1.0, max_calls=3)
+    assert seen.touch("t", "i", 2.0, max_calls=3)  # the third call of three
+    assert not seen.in_progress("t", "i", 3.0, max_calls=3)  # a fourth counts as new
+    assert not seen.touch("t", "i", 3.0, max_calls=3)  # and opens the next interaction
+    # Calls within the ttl each, but the lifetime (25 s from the opening at 3) runs out.
+    assert [seen.touch("t", "i", t) for t in (9.0, 15.0, 21.0, 27.0, 30.0)] == [
+        True, True, True, True, False]  # fmt: skip
+    assert seen.in_progress("t", "i", 31.0)  # the call at 30 opened the next one
+
+
+def test_debt_beyond_one_burst_is_settled_in_full() -> None:
+    lim = Limit(per_minute=60.0, burst=100.0)  # one token a second
+    b = Bucket.full(lim, 0.0)
+    b.charge(lim, 450.0)  # a request that ran far past its estimate
+    assert b.level == -350.0  # not forgiven at -burst
+    b.refill(lim, 300.0)
+    assert b.level == -50.0
+    assert b.wait_for(lim, 10.0) == 60.0
+    b.charge(lim, -1000.0)  # a refund cannot lift it past the burst
+    assert b.level == 100.0
 
 
 def _dispatcher(policy: str = "vtc", running: int = 1, tokens: int = 0) -> Dispatcher:

@@ -138,6 +138,10 @@ async def test_interaction_in_progress_is_never_cut(
 ) -> None:
     cfg = fair_config("wsc")
     cfg["tenants"]["acme"].update(tokens_per_minute=600, burst_tokens=100)
+    # Seven calls in all, within the application's calls per interaction (its opening call
+    # must find room for them: 7 x ~12 tokens of the 100).
+    cfg["tenants"]["acme"]["apps"]["chat"] = {"calls_per_interaction": 7,
+                                              "expected_output_tokens": 4}  # fmt: skip
     server, gw = await start_gateway(cfg)
     acme, globex = client_for(server, ACME), client_for(server, GLOBEX)
     hdr = {"X-Fairway-Interaction": "agent-run-1"}

@@ -31,6 +31,7 @@ class FairnessConfig:
     queue_timeout_s: Positive = 60.0  # 503 after waiting this long
     rpm_limit: Count = 600  # policy "rpm": requests a tenant may start per minute
     interaction_ttl_s: Positive = 300.0  # in progress while its calls come this often
+    interaction_lifetime_s: Positive = 3600.0  # and for at most this long after it opened
     # OIT throttles from this share of the engines' in-flight limits.
     overload_at: Annotated[StrictFloat, Field(gt=0, le=1)] = 0.6
 

@@ -72,6 +72,9 @@ class ServerConfig:
     connect_timeout_s: Positive = 2.0
     read_timeout_s: Positive = 300.0
     max_attempts: Count = 3
+    # Consecutive 5xx answers that eject an engine (open its breaker); probes re-admit it
+    # half-open, where its first 5xx ejects it again.
+    http_5xx_eject_after: Count = 5
     health_interval_s: Positive = 2.0
     health_timeout_s: Positive = 1.0
     unhealthy_after: Count = 2
@@ -185,6 +188,8 @@ class _TenantTable:
     max_n: Count = 8  # the most completions one request may ask for: max(n, best_of)
     max_top_logprobs: Annotated[StrictInt, Field(ge=0, le=1000)] = 20  # (top_/prompt_)logprobs
     cache_salt: StrictBool = True  # the gateway salts the engines' prefix cache per tenant
+    max_concurrent: Natural = 256  # requests under way at once (queued + in flight); 0 = no limit
+    max_body_bytes_in_flight: Natural = 64 << 20  # bytes of their request bodies; 0 = no limit
     apps: dict[str, _AppTable] = Field(default_factory=dict)
     keys: tuple[_TenantKey, ...] = ()
 
@@ -213,6 +218,8 @@ class TenantConfig:
     max_n: int = 8  # the most completions one request may ask for: max(n, best_of)
     max_top_logprobs: int = 20  # the most `top_logprobs`, `logprobs` or `prompt_logprobs`
     cache_salt: bool = True  # the gateway salts the engines' prefix cache per tenant
+    max_concurrent: int = 256  # requests under way at once (queued + in flight); 0 = no limit
+    max_body_bytes_in_flight: int = 64 << 20  # bytes of their request bodies; 0 = no limit
 
 
 def _tenant_keys(tenants: dict[str, _TenantTable]) -> dict[str, list[Loc]]:
@@ -303,7 +310,8 @@ def _tenant(name: str, t: _TenantTable) -> TenantConfig:
     return TenantConfig(name, t.weight, apps, digests, tokens_per_minute=t.tokens_per_minute,
                         burst_tokens=t.burst_tokens or t.tokens_per_minute, rpm=t.rpm,
                         max_n=t.max_n, max_top_logprobs=t.max_top_logprobs,
-                        cache_salt=t.cache_salt)  # fmt: skip
+                        cache_salt=t.cache_salt, max_concurrent=t.max_concurrent,
+                        max_body_bytes_in_flight=t.max_body_bytes_in_flight)  # fmt: skip
 
 
 _DOCUMENT = TypeAdapter(_Document)

@@ -41,7 +41,7 @@ class Limit:
 
 @dataclass(slots=True)
 class Bucket:
-    """Tokens available now; negative after charges beyond it (debt of at most one burst)."""
+    """Tokens available now; negative after charges beyond it (debt, paid back by refill)."""
 
     level: float
     stamp: float
@@ -56,7 +56,9 @@ class Bucket:
             self.stamp = now
 
     def charge(self, limit: Limit, tokens: float) -> None:
-        self.level = max(-limit.burst, min(limit.burst, self.level - tokens))
+        # No floor: a request that ran far past its estimate is settled in full, and the
+        # tenant waits out the debt; refunds cannot lift the bucket past its burst.
+        self.level = min(limit.burst, self.level - tokens)
 
     def wait_for(self, limit: Limit, need: float) -> float:
         """Seconds until the bucket holds `need` tokens."""
@@ -111,36 +113,66 @@ def _verdict(
     return Verdict(admitted, retry, limit, max(0.0, b.level), b.reset_s(limit), reason)
 
 
+@dataclass(slots=True)
+class _Seen:
+    first: float  # when this interaction opened
+    last: float  # its latest admitted call
+    calls: int  # admitted calls so far
+
+
 class Interactions:
-    """Interactions seen recently: an interaction is in progress while its calls keep coming
-    within `ttl_s` of each other. Bounded: the oldest are forgotten first."""
+    """Interactions seen recently. An interaction is in progress while its calls keep coming
+    within `ttl_s` of each other, for at most `lifetime_s` after it opened and at most
+    `max_calls` calls (its application's `calls_per_interaction`): past either bound its next
+    call counts as a new interaction, so an id cannot be used to dodge throttling forever.
+    Bounded: the least recently seen are forgotten first."""
 
-    def __init__(self, ttl_s: float = 300.0, max_size: int = 100_000) -> None:
+    def __init__(
+        self, ttl_s: float = 300.0, max_size: int = 100_000, lifetime_s: float = 3600.0
+    ) -> None:
         self.ttl_s = ttl_s
+        self.lifetime_s = lifetime_s
         self.max_size = max_size
-        self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._seen: OrderedDict[tuple[str, str], _Seen] = OrderedDict()
 
-    def in_progress(self, tenant: str, interaction: str | None, now: float) -> bool:
+    def in_progress(
+        self, tenant: str, interaction: str | None, now: float, max_calls: int | None = None
+    ) -> bool:
         """Whether a call of `interaction` now continues an interaction in progress."""
         if interaction is None:
             return False
-        last = self._seen.get((tenant, interaction))
-        return last is not None and now - last <= self.ttl_s
+        seen = self._seen.get((tenant, interaction))
+        return seen is not None and self._continues(seen, now, max_calls)
 
-    def touch(self, tenant: str, interaction: str | None, now: float) -> bool:
+    def _continues(self, seen: _Seen, now: float, max_calls: int | None) -> bool:
+        return (
+            now - seen.last <= self.ttl_s
+            and now - seen.first <= self.lifetime_s
+            and (max_calls is None or seen.calls < max_calls)
+        )
+
+    def touch(
+        self, tenant: str, interaction: str | None, now: float, max_calls: int | None = None
+    ) -> bool:
         """Record an admitted call; returns True when it continued an interaction in
-        progress. Only admitted calls count: a refused first call opens nothing."""
+        progress (else it opened a new one). Only admitted calls count: a refused first call
+        opens nothing."""
         if interaction is None:
             return False
         key = (tenant, interaction)
-        last = self._seen.pop(key, None)
-        self._seen[key] = now
+        seen = self._seen.pop(key, None)
+        continued = seen is not None and self._continues(seen, now, max_calls)
+        if seen is not None and continued:
+            seen.last, seen.calls = now, seen.calls + 1
+        else:
+            seen = _Seen(now, now, 1)
+        self._seen[key] = seen
         while self._seen:
             oldest_key, oldest = next(iter(self._seen.items()))
-            if now - oldest <= self.ttl_s and len(self._seen) <= self.max_size:
+            if now - oldest.last <= self.ttl_s and len(self._seen) <= self.max_size:
                 break
             del self._seen[oldest_key]
-        return last is not None and now - last <= self.ttl_s
+        return continued
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -210,14 +242,17 @@ class Admission:
         self.cfg = cfg
         self.dispatcher = dispatcher
         self.prices = Prices(cfg.fairness.input_price, cfg.fairness.output_price)
-        self.interactions = Interactions(cfg.fairness.interaction_ttl_s)
+        f = cfg.fairness
+        self.interactions = Interactions(f.interaction_ttl_s,
+                                         lifetime_s=f.interaction_lifetime_s)  # fmt: skip
 
     def prepare(self, info: RequestInfo, now: float) -> Admitting:
         tenant = self.cfg.tenants[info.tenant]
         app = tenant.apps[info.app]
         out = expected_output(app, info.max_tokens, info.predicted_output_tokens, info.n)
         cost = float(info.prompt_tokens + out)
-        continuing = self.interactions.in_progress(info.tenant, info.interaction_id, now)
+        continuing = self.interactions.in_progress(info.tenant, info.interaction_id, now,
+                                                   app.calls_per_interaction)  # fmt: skip
         opens = info.interaction_id is not None and not continuing
         need = cost * (app.calls_per_interaction if opens else 1)
         enforce = not continuing and self.dispatcher.overloaded(info.model)
@@ -230,4 +265,9 @@ class Admission:
 
     def admitted(self, info: RequestInfo, now: float) -> None:
         """The request passed the buckets and has a place: its interaction is in progress."""
-        self.interactions.touch(info.tenant, info.interaction_id, now)
+        # The config may have been reloaded since `prepare`: a tenant or app gone by now
+        # leaves the call uncapped rather than failing it.
+        tenant = self.cfg.tenants.get(info.tenant)
+        app = tenant.apps.get(info.app) if tenant is not None else None
+        calls = app.calls_per_interaction if app is not None else None
+        self.interactions.touch(info.tenant, info.interaction_id, now, calls)

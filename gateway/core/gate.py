@@ -115,6 +115,7 @@ class GateCore:
         self.dispatcher.max_queue = cfg.fairness.max_queue_per_tenant
         self.dispatcher.overload_at = cfg.fairness.overload_at
         self.admission.interactions.ttl_s = cfg.fairness.interaction_ttl_s
+        self.admission.interactions.lifetime_s = cfg.fairness.interaction_lifetime_s
 
     def snapshots(self, model: str, exclude: Iterable[str] = ()) -> list[EngineSnapshot]:
         """The engines of `model` that take new requests, less `exclude`, each with its

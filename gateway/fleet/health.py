@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 from collections.abc import Callable
 
 import aiohttp
+import structlog
 
 from gateway.fleet.registry import EngineRegistry, EngineState
 
@@ -41,6 +43,8 @@ def parse_vllm_metrics(text: str) -> dict[str, float]:
     return out
 
 
+log = structlog.get_logger("fairway.health")
+
 EventHook = Callable[[EngineState, str], None]
 # The gateway's own requests in flight at an engine (by id) now: the ledger's count.
 InFlight = Callable[[str], int]
@@ -56,29 +60,48 @@ async def probe(
 ) -> None:
     """One probe: `GET /health`, then the load gauges from `GET /metrics`, with the
     gateway's own in-flight count there (`in_flight`) when the engine answered: that many of
-    the scraped running + waiting requests are the gateway's."""
-    headers = {"Authorization": f"Bearer {engine.api_key}"} if engine.api_key else {}
-    to = aiohttp.ClientTimeout(total=probe_timeout)
+    the scraped running + waiting requests are the gateway's. Whatever goes wrong in it
+    counts as a failed probe."""
     try:
-        async with session.get(f"{engine.url}/health", timeout=to, headers=headers) as resp:
-            ok = resp.status == 200
-        if ok:
-            async with session.get(f"{engine.url}/metrics", timeout=to, headers=headers) as resp:
-                if resp.status == 200:
-                    mine = in_flight(engine.id) if in_flight is not None else 0
-                    gauges = parse_vllm_metrics(await resp.text())
-                    engine.running = int(gauges.get("running", engine.running))
-                    engine.waiting = int(gauges.get("waiting", engine.waiting))
-                    engine.kv_usage = gauges.get("kv_usage", engine.kv_usage)
-                    if "running" in gauges or "waiting" in gauges:
-                        engine.in_flight_at_scrape = mine
+        ok = await _check(engine, session, probe_timeout, in_flight)
     except (aiohttp.ClientError, TimeoutError, UnicodeDecodeError):
+        ok = False
+    except Exception as exc:  # a bad header, a parser bug: a failed probe, never more
+        log.warning("engine_probe_error", engine=engine.id, error=repr(exc))
         ok = False
     if ok:
         if registry.probe_ok(engine):
             on_change(engine, "readmitted")
     elif registry.probe_failed(engine):
         on_change(engine, "ejected")
+
+
+async def _check(
+    engine: EngineState,
+    session: aiohttp.ClientSession,
+    probe_timeout: float,
+    in_flight: InFlight | None,
+) -> bool:
+    headers = {"Authorization": f"Bearer {engine.api_key}"} if engine.api_key else {}
+    to = aiohttp.ClientTimeout(total=probe_timeout)
+    async with session.get(f"{engine.url}/health", timeout=to, headers=headers) as resp:
+        ok = resp.status == 200
+    if ok:
+        async with session.get(f"{engine.url}/metrics", timeout=to, headers=headers) as resp:
+            if resp.status == 200:
+                mine = in_flight(engine.id) if in_flight is not None else 0
+                gauges = parse_vllm_metrics(await resp.text())
+                engine.running = int(gauges.get("running", engine.running))
+                engine.waiting = int(gauges.get("waiting", engine.waiting))
+                engine.kv_usage = gauges.get("kv_usage", engine.kv_usage)
+                if "running" in gauges or "waiting" in gauges:
+                    engine.in_flight_at_scrape = mine
+    return ok
+
+
+def jittered(interval: float) -> float:
+    """`interval` give or take 20%, so that gateways do not probe engines in lock step."""
+    return interval * random.uniform(0.8, 1.2)
 
 
 async def health_loop(
@@ -89,13 +112,18 @@ async def health_loop(
     on_change: EventHook,
     in_flight: InFlight | None = None,
 ) -> None:
-    """Probe every engine every `interval` seconds until cancelled; `in_flight` gives the
-    gateway's own requests open at an engine, recorded with its gauges."""
+    """Probe every engine about every `interval` seconds (jittered) until cancelled;
+    `in_flight` gives the gateway's own requests open at an engine, recorded with its gauges.
+    A probe that fails in any way fails alone: the loop goes on."""
     while True:
-        await asyncio.gather(
+        results = await asyncio.gather(
             *(
                 probe(registry, e, session, probe_timeout, on_change, in_flight)
-                for e in registry.engines.values()
-            )
+                for e in list(registry.engines.values())
+            ),
+            return_exceptions=True,
         )
-        await asyncio.sleep(interval)
+        for r in results:
+            if isinstance(r, Exception):  # from `on_change`: logged, the loop goes on
+                log.error("health_round_error", error=repr(r))
+        await asyncio.sleep(jittered(interval))

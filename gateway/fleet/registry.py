@@ -29,6 +29,12 @@ class EngineState:
     healthy: bool = True
     failures: int = 0  # consecutive failed probes or connections
     successes: int = 0  # consecutive good probes while ejected
+    # The 5xx circuit breaker: closed (healthy, not half-open), open (ejected), or half-open
+    # (re-admitted by probes, on trial: its first 5xx opens it again, `healthy_after` good
+    # answers close it).
+    http_5xx: int = 0  # consecutive 5xx answers to requests
+    half_open: bool = False
+    trial_ok: int = 0  # good answers (status < 500) while half-open
     running: int = 0
     waiting: int = 0
     kv_usage: float = 0.0
@@ -86,7 +92,7 @@ class EngineRegistry:
         return self.by_model.get(model, [])
 
     def probe_ok(self, engine: EngineState) -> bool:
-        """Record a good probe; returns True when it re-admits the engine."""
+        """Record a good probe; returns True when it re-admits the engine, half-open."""
         engine.failures = 0
         if engine.healthy:
             return False
@@ -94,6 +100,7 @@ class EngineRegistry:
         if engine.successes >= self.healthy_after:
             engine.healthy = True
             engine.successes = 0
+            engine.half_open, engine.trial_ok = True, 0  # on trial until it answers well
             return True
         return False
 
@@ -102,7 +109,7 @@ class EngineRegistry:
         engine.successes = 0
         engine.failures += 1
         if engine.healthy and engine.failures >= self.unhealthy_after:
-            engine.healthy = False
+            self._eject(engine)
             return True
         return False
 
@@ -111,5 +118,31 @@ class EngineRegistry:
         engine.successes = 0
         engine.failures = max(engine.failures + 1, self.unhealthy_after)
         was = engine.healthy
-        engine.healthy = False
+        self._eject(engine)
         return was
+
+    def answered(self, engine: EngineState) -> bool:
+        """An answer under 500 to a request; returns True when it closes a half-open breaker."""
+        engine.http_5xx = 0
+        if not engine.half_open:
+            return False
+        engine.trial_ok += 1
+        if engine.trial_ok >= self.healthy_after:
+            engine.half_open, engine.trial_ok = False, 0
+            return True
+        return False
+
+    def answered_5xx(self, engine: EngineState, eject_after: int) -> bool:
+        """A 5xx answer to a request; returns True when it ejects the engine (opens the
+        breaker): at once while half-open, else after `eject_after` in a row."""
+        engine.http_5xx += 1
+        if engine.healthy and (engine.half_open or engine.http_5xx >= eject_after):
+            self._eject(engine)
+            return True
+        return False
+
+    @staticmethod
+    def _eject(engine: EngineState) -> None:
+        engine.healthy = False
+        engine.half_open = False
+        engine.successes = engine.trial_ok = 0

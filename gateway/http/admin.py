@@ -24,12 +24,14 @@ from gateway.core.admission import bucket_keys
 from gateway.core.errors import ApiError, bad_request
 from gateway.fleet.registry import EngineState
 from gateway.http.gate import Gate
+from gateway.http.holds import holds_of
 from gateway.http.reload import reload_config
 from gateway.http.state import GATEWAY, Gateway
 
 
 async def tenants_view(gate: Gate) -> dict[str, Any]:
     cfg, d, ledger = gate.cfg, gate.dispatcher, gate.core.ledger
+    holds = holds_of(gate)
     out: dict[str, Any] = {}
     for name, tenant in cfg.tenants.items():
         apps: dict[str, Any] = {}
@@ -61,6 +63,8 @@ async def tenants_view(gate: Gate) -> dict[str, Any]:
             "bucket": tenant_bucket,
             "apps": apps,
             "models": models,
+            "requests_in_flight": holds.requests.get(name, 0),
+            "body_bytes_in_flight": holds.body_bytes.get(name, 0),
         }
     return {
         "policy": cfg.fairness.policy,

@@ -17,6 +17,7 @@ from prometheus_client import generate_latest
 from engines.protocol import json_response
 from gateway.core.errors import ApiError
 from gateway.core.request import Endpoint, RequestInfo
+from gateway.http.holds import Hold, holds_of, read_body
 from gateway.http.request import (
     INTERACTION_HEADER,
     apply_tenant_policy,
@@ -45,6 +46,7 @@ async def _proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
     out = Outcome(headers={"X-Request-Id": client_rid or rid})
     tenant = app = model = "-"
     predicted: tuple[RequestInfo, Record] | None = None
+    hold: Hold | None = None
     try:
         if gw.stopping:
             raise ApiError(503, "The gateway is shutting down; retry on another one.",
@@ -52,18 +54,22 @@ async def _proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
                            headers={"Retry-After": "1", "Connection": "close"})  # fmt: skip
         principal = gw.keys.authenticate(request.headers.get("Authorization"))
         tenant, app = principal.tenant, principal.app
+        # Held from here to the `finally` below, whatever way the request ends.
+        hold = holds_of(gw.gate).enter(tenant, gw.cfg)
         interaction = request.headers.get(INTERACTION_HEADER)
         regions = request.headers.get(REGIONS_HEADER)
         check_headers(interaction, regions)
-        # aiohttp decodes gzip and deflate in bounded steps; read() holds the decoded body to
-        # server.max_body_bytes.
+        # aiohttp decodes gzip and deflate in bounded steps; read_body() holds the decoded
+        # body to server.max_body_bytes, and reserves its bytes for the tenant as they arrive.
         encoding = check_encoding(request.headers.get("Content-Encoding"))
+        if request.content_length is not None:  # reserved before a byte of it is read
+            hold.reserve(min(request.content_length, gw.cfg.server.max_body_bytes))
         try:
             if request.content.is_eof():  # the usual case: the body came with the headers
-                raw = await request.read()
+                raw = await read_body(request, hold)
             else:
                 async with asyncio.timeout(gw.cfg.server.body_timeout_s):
-                    raw = await request.read()
+                    raw = await read_body(request, hold)
         except TimeoutError:
             raise ApiError(
                 408,
@@ -120,6 +126,8 @@ async def _proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
         out.status = 499
         raise
     finally:
+        if hold is not None:
+            hold.release()
         _account(gw, rid, client_rid, tenant, app, model, out, arrival)
         if predicted is not None and gw.lengths is not None:
             done = out.status == 200 and out.usage.completion_tokens is not None

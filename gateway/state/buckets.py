@@ -105,7 +105,7 @@ end
 local out = {wait > 0 and 0 or 1, tostring(wait)}
 for i = 1, n do
   if charge then
-    levels[i] = math.max(-bursts[i], math.min(bursts[i], levels[i] - cost))
+    levels[i] = math.min(bursts[i], levels[i] - cost)
   end
   redis.call('HSET', KEYS[i], 'level', tostring(levels[i]), 'stamp', tostring(now))
   redis.call('EXPIRE', KEYS[i], math.ceil(2 * bursts[i] / rates[i]) + 60)

@@ -56,6 +56,10 @@ class _TryNext(Exception):
     """This engine failed before sending anything; another one may serve the request."""
 
 
+class _Answered5xx(_TryNext):
+    """This engine answered 5xx: one more engine at most may serve the request."""
+
+
 def _engine_rejection(status: int, raw: bytes) -> ApiError:
     """An engine's 4xx, reshaped as OpenAI's error body where it is not one already."""
     message, param, code = raw.decode(errors="replace")[:2000] or "engine error", None, None
@@ -124,7 +128,8 @@ class Proxy:
         payload = orjson.dumps(body)
         tried: list[str] = []
         current: str | None = engine_id
-        while current is not None and out.attempts < self.server.max_attempts:
+        limit = self.server.max_attempts
+        while current is not None and out.attempts < limit:
             engine = self.registry.engines.get(current)
             tried.append(current)
             if engine is not None:
@@ -132,6 +137,8 @@ class Proxy:
                 out.engine = engine.id
                 try:
                     return await self._attempt(request, info, engine, payload, out)
+                except _Answered5xx:
+                    limit = min(limit, out.attempts + 1)  # a 5xx: one more engine, no more
                 except _TryNext:
                     pass
             current = reroute(tried)
@@ -174,7 +181,10 @@ class Proxy:
                 self.log.warning(
                     "engine_error", engine=engine.id, status=ex.status, request_id=info.id
                 )
-                raise _TryNext
+                self._answered_5xx(engine, ex.status)
+                raise _Answered5xx
+            if self.registry.answered(engine):
+                self.log.info("engine_breaker_closed", engine=engine.id)
             if ex.status != 200:
                 out.status = ex.status
                 raise _engine_rejection(ex.status, await self._read(ex, info, engine, out))
@@ -188,6 +198,14 @@ class Proxy:
 
     def _count_error(self, info: RequestInfo, engine: EngineState, kind: str) -> None:
         self.metrics.upstream_errors.labels(info.tenant, info.model, engine.id, kind).inc()
+
+    def _answered_5xx(self, engine: EngineState, status: int) -> None:
+        half_open = engine.half_open
+        if self.registry.answered_5xx(engine, self.server.http_5xx_eject_after):
+            self.metrics.engine_healthy.labels(engine.model, engine.id, engine.region).set(0)
+            reason = (f"HTTP {status} while half-open" if half_open
+                      else f"{engine.http_5xx} consecutive 5xx answers")  # fmt: skip
+            self.log.warning("engine_ejected", engine=engine.id, reason=reason)
 
     def _connect_failed(self, info: RequestInfo, engine: EngineState, exc: BaseException) -> None:
         self._count_error(info, engine, "connect")
