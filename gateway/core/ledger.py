@@ -155,9 +155,6 @@ class Ledger:
         load = self.loads.get(engine)
         return 0 if load is None else load.requests
 
-    def handles_on(self, engine: str) -> list[int]:
-        return [h for h, c in self._charges.items() if c.engine == engine]
-
     def total(self) -> int:
         """Requests in flight anywhere: zero whenever the gateway is idle."""
         return len(self._charges)
