@@ -29,10 +29,24 @@ def _serve(args: argparse.Namespace) -> int:
     configure(cfg.log_level)
     host = args.host or cfg.server.host
     port = cfg.server.port if args.port is None else args.port
+    if args.workers < 1:
+        print("fairway serve: --workers must be at least 1", file=sys.stderr)
+        return 2
+    if args.workers > 1:
+        from gateway.http.workers import refusal, supervise
+
+        why = refusal(cfg, args.workers, port)
+        if why is not None:
+            print(f"fairway serve: {why}", file=sys.stderr)
+            return 2
+        print(f"fairway: serving on http://{host}:{port} ({len(cfg.engines)} engines, "
+              f"{args.workers} workers)", file=sys.stderr)  # fmt: skip
+        return supervise(["--config", args.config, "--host", host, "--port", str(port)],
+                         args.workers)  # fmt: skip
     print(f"fairway: serving on http://{host}:{port} ({len(cfg.engines)} engines)", file=sys.stderr)
     app = build_app(cfg, config_path=args.config)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(serve(app, host, port, cfg.server.backlog))
+        runner.run(serve(app, host, port, cfg.server.backlog, reuse_port=args.reuse_port))
     return 0
 
 
@@ -109,6 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--config", default="config.toml")
     p.add_argument("--host", default=None, help="override server.host")
     p.add_argument("--port", type=int, default=None, help="override server.port")
+    p.add_argument("--workers", type=int, default=1,
+                   help="gateway processes on the port (SO_REUSEPORT); more than 1 needs "
+                        '[state] backend = "redis"')  # fmt: skip
+    p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("check-config", help="validate a config file and exit")

@@ -38,7 +38,8 @@ class FairnessConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True, config=TABLE)
 class StateConfig:
-    """`[state]`: token buckets in this process, or in Redis to share them between replicas."""
+    """`[state]`: token buckets and fairness in this process, or in Redis to share them
+    between replicas."""
 
     backend: StateBackend = "memory"
     redis_url: Annotated[StrictStr, AfterValidator(_redis_url)] = "redis://127.0.0.1:6379/0"
@@ -48,3 +49,5 @@ class StateConfig:
     timeout_s: Annotated[StrictFloat, Field(gt=0, le=10)] = 0.25
     open_after: Count = 3
     probe_interval_s: Positive = 1.0
+    # Replicas share fairness counters, waiting tenants and in-flight load this often.
+    sync_interval_s: Annotated[StrictFloat, Field(gt=0, le=5)] = 0.1

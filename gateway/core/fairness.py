@@ -14,6 +14,12 @@ with the real usage. Counters are in service units: `input_price` per prompt tok
 - `wsc`: FairServe's weighted service counter: VTC's rule on costs normalised by the expected
   cost of the request's application (a typical request costs one unit whatever its shape), and
   requests that continue an interaction in progress go before all others.
+
+Several gateway replicas share one fairness (`gateway.state.cluster`): their VTC and WSC
+counters are summed in Redis and written back into `served`, and `remote` names the tenants
+waiting for the model at other replicas. A tenant more than `hold_slack`
+typical requests ahead of one of them does not start here: the engines' freed capacity goes to
+the replica where the less served tenant waits.
 """
 
 from __future__ import annotations
@@ -71,7 +77,8 @@ class FairnessPolicy(Protocol):
     def on_finish(self, t: Ticket, prompt_tokens: int, output_tokens: int) -> None: ...
 
     def may_start(self, tenant: str, now: float) -> bool:
-        """Whether a request of `tenant` may start now at all (rate-limit policies)."""
+        """Whether a request of `tenant` may start now at all (rate-limit policies, or a
+        tenant ahead of those waiting at other replicas)."""
         ...
 
     def wake_at(self, now: float) -> float | None:
@@ -83,6 +90,10 @@ class FairnessPolicy(Protocol):
     def backlog(self, tenant: str) -> int: ...
 
     def counters(self) -> dict[str, float]: ...
+
+    def backlogged(self) -> list[str]:
+        """The tenants with requests waiting here."""
+        ...
 
 
 @dataclass(slots=True)
@@ -205,6 +216,9 @@ class _Queued:
     def counters(self) -> dict[str, float]:
         return {}
 
+    def backlogged(self) -> list[str]:
+        return [tenant for tenant, q in self.queues.items() if q]
+
     def tickets(self) -> Iterator[Ticket]:
         for q in self.queues.values():
             yield from q.cont
@@ -259,24 +273,62 @@ class Vtc(_Queued):
     """Virtual token counters, weighted: service is divided by the tenant's weight."""
 
     name = "vtc"
+    hold_slack = 2.0  # typical requests a tenant may be ahead of one waiting elsewhere
 
     def __init__(self, prices: Prices = Prices()) -> None:
         super().__init__(prices)
         self.served: dict[str, float] = {}
+        # Tenants waiting for this model at other replicas (shared state).
+        self.remote: frozenset[str] = frozenset()
+        self._typical: dict[str, float] = {}  # one typical request of the tenant, in counter units
+        self._lifts: dict[str, tuple[float, float | None]] = {}
 
     def _scale(self, t: Ticket) -> float:
         return 1.0 / t.weight
 
     def _becomes_backlogged(self, tenant: str) -> None:
         others = [self.served.get(k, 0.0) for k, q in self.queues.items() if q and k != tenant]
+        others += [self.served.get(k, 0.0) for k in self.remote if k != tenant]
         if others:
-            self.served[tenant] = max(self.served.get(tenant, 0.0), min(others))
+            self._lift(tenant, min(others))
+
+    def _lift(self, tenant: str, to: float) -> None:
+        """Raise the tenant's counter to `to` (idling earns no credit)."""
+        now = self.served.get(tenant, 0.0)
+        if to > now:
+            by, _ = self._lifts.get(tenant, (0.0, None))
+            self._lifts[tenant] = (by + to - now, to)
+            self.served[tenant] = to
+
+    def take_lifts(self) -> dict[str, tuple[float, float | None]]:
+        """The lifts since the last call: tenant -> (how much, to what)."""
+        lifts, self._lifts = self._lifts, {}
+        return lifts
+
+    def enqueue(self, t: Ticket, now: float) -> None:
+        self._typical[t.tenant] = t.unit_cost * self._scale(t)
+        super().enqueue(t, now)
 
     def _key(self, tenant: str, head: Ticket) -> Any:
         return (self.served.get(tenant, 0.0), head.seq)
 
+    def may_start(self, tenant: str, now: float) -> bool:
+        """Not while the tenant is `hold_slack` typical requests ahead of a tenant waiting
+        at another replica."""
+        behind = [self.served.get(k, 0.0) for k in self.remote if k != tenant]
+        if not behind:
+            return True
+        slack = self.hold_slack * self._typical.get(tenant, 1.0)
+        return self.served.get(tenant, 0.0) <= min(behind) + slack
+
+    def _eligible(self, now: float) -> Callable[[str], bool]:
+        if not self.remote:
+            return super()._eligible(now)
+        return lambda tenant: self.may_start(tenant, now)
+
     def charge_admission(self, t: Ticket, now: float) -> None:
         super().charge_admission(t, now)
+        self._typical[t.tenant] = t.unit_cost * self._scale(t)
         self._add(t, self.prices.input * t.prompt_tokens)
 
     def on_tokens(self, t: Ticket, n: int) -> None:
@@ -326,8 +378,9 @@ class Wsc(Vtc):
             for k in {*(k for k, q in self.queues.items() if q), *self.in_flight}
             if k != tenant
         ]
+        active += [self.served.get(k, 0.0) for k in self.remote if k != tenant]
         if active:
-            self.served[tenant] = max(self.served.get(tenant, 0.0), min(active))
+            self._lift(tenant, min(active))
 
     def charge_admission(self, t: Ticket, now: float) -> None:
         super().charge_admission(t, now)

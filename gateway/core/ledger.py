@@ -62,7 +62,13 @@ class EngineLimit:
 
 @dataclass(slots=True)
 class EngineLoad:
-    """What the gateway has in flight at one engine."""
+    """What the gateway has in flight at one engine.
+
+    With several replicas (shared state, last synced) `others` and `others_kv_tokens` are
+    what the other replicas hold there, counted at least at their share while they have
+    requests waiting, and `guaranteed` is this replica's share: the slots of the engine's
+    limit it may fill whatever the others report, so that replicas deciding at once on the
+    same stale view cannot together fill an engine more than once over."""
 
     limit: EngineLimit
     requests: int = 0
@@ -71,20 +77,26 @@ class EngineLoad:
     kv_tokens: int = 0  # prompt + expected output: what `limit.max_tokens` bounds
     prompt_rate: float = 0.0
     prompt_at: float = 0.0
+    others: int = 0
+    others_kv_tokens: int = 0
+    guaranteed: int = 0
 
     def has_room(self, tokens: int) -> bool:
         """Room for one more request of `tokens` (prompt + expected output). An engine with
         nothing in flight takes any request: a huge one must not wait forever."""
-        if self.requests >= self.limit.max_running:
+        mine, requests = self.requests, self.requests + self.others
+        if mine < self.guaranteed:
+            return True
+        if requests >= self.limit.max_running:
             return False
         lim = self.limit.max_tokens
-        return not lim or self.requests == 0 or self.kv_tokens + tokens <= lim
+        return not lim or requests == 0 or self.kv_tokens + self.others_kv_tokens + tokens <= lim
 
     def share(self) -> float:
         """How full the engine is against its limits, 0..1 (or more)."""
-        s = self.requests / self.limit.max_running
+        s = (self.requests + self.others) / self.limit.max_running
         if self.limit.max_tokens:
-            s = max(s, self.kv_tokens / self.limit.max_tokens)
+            s = max(s, (self.kv_tokens + self.others_kv_tokens) / self.limit.max_tokens)
         return s
 
 

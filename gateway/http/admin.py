@@ -100,6 +100,8 @@ def engine_view(gw: Gateway, e: EngineState) -> dict[str, Any]:
     return {
         "id": e.id, "region": e.region, "model": e.model, "url": e.url, "kind": e.kind,
         "state": e.state, "in_flight": 0 if load is None else load.requests,
+        # Other replicas' requests there (shared state; 0 with one replica).
+        "in_flight_elsewhere": 0 if load is None else load.others,
         "max_running": None if load is None else load.limit.max_running,
         "max_kv_tokens": None if load is None else load.limit.max_tokens,
         "running": e.running, "waiting": e.waiting, "kv_usage": e.kv_usage,

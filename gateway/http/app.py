@@ -31,6 +31,7 @@ from gateway.lengths.service import LengthService
 from gateway.obs.metrics import GatewayMetrics
 from gateway.routing.latency import build_policy
 from gateway.state.buckets import BucketStore, MemoryStore, RedisStore
+from gateway.state.cluster import ClusterSync
 from gateway.upstream.client import UpstreamPool
 from gateway.upstream.proxy import Proxy
 
@@ -74,6 +75,16 @@ def build_app(
                                on_change=metrics_.state_up.set)  # fmt: skip
         metrics_.state_up.set(1)
         gate = Gate(cfg, registry, router, store, metrics_)
+        shared: ClusterSync | None = None
+        if st.backend == "redis":
+            core = gate.core
+            shared = ClusterSync(
+                st.redis_url, st.prefix, models=lambda: registry.models,
+                policy=core.dispatcher.policy, loads=lambda: core.ledger.loads,
+                engines_of=lambda m: [e.id for e in registry.engines_of(m)], poll=gate.poll,
+                interval_s=st.sync_interval_s, timeout_s=st.timeout_s,
+                on_replicas=metrics_.replicas.set,
+            )  # fmt: skip
         gw = Gateway(cfg, KeyRing(cfg.tenants, cfg.admin.key_digests), metrics_, registry, proxy,
                      session, gate, FleetManager(lambda: gw.cfg, registry, gate.core, gate.poll,
                                                  proxy, pool, metrics_),
@@ -101,6 +112,8 @@ def build_app(
                 on_change, gate.core.ledger.in_flight,
             )  # fmt: skip
             tasks.append(loop.create_task(probes))
+            if shared is not None:
+                tasks.append(loop.create_task(shared.run()))
             if path is not None:
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                     loop.add_signal_handler(signal.SIGHUP, _on_sighup, gw, tasks)
@@ -116,6 +129,8 @@ def build_app(
                     await task
             lengths.close()
             gate.close()
+            if shared is not None:
+                await shared.close()
             await store.close()
             await session.close()
             await pool.close()

@@ -35,8 +35,11 @@ async def _until(gw: Gateway, deadline: float) -> None:
         await asyncio.sleep(0.05)
 
 
-async def serve(app: web.Application, host: str, port: int, backlog: int) -> None:
-    """Serve `app` on `host:port` until SIGTERM or SIGINT; see the module docstring."""
+async def serve(
+    app: web.Application, host: str, port: int, backlog: int, *, reuse_port: bool = False
+) -> None:
+    """Serve `app` on `host:port` until SIGTERM or SIGINT; see the module docstring.
+    `reuse_port`: share the port with other workers (SO_REUSEPORT)."""
     loop = asyncio.get_running_loop()
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
@@ -52,7 +55,8 @@ async def serve(app: web.Application, host: str, port: int, backlog: int) -> Non
                                 keepalive_timeout=KEEPALIVE_S, access_log=None)  # fmt: skip
 
         listening = await loop.create_server(connection, host, port, backlog=backlog,
-                                             reuse_address=True)  # fmt: skip
+                                             reuse_address=True,
+                                             reuse_port=reuse_port or None)  # fmt: skip
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)

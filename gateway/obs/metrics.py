@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -35,6 +35,7 @@ class GatewayMetrics:
     def __init__(self) -> None:
         self._per_request: dict[tuple[str, str, str], RequestMetrics] = {}
         self.registry = reg = CollectorRegistry()
+        ProcessCollector(registry=reg)  # process_cpu_seconds_total, resident memory, start time
         tme = ["tenant", "model", "engine"]
         self.requests = Counter(
             "fairway_requests", "Requests answered, by final HTTP status.",
@@ -82,6 +83,12 @@ class GatewayMetrics:
         self.state_up = Gauge(
             "fairway_state_backend_up",
             "1 while the shared state backend (Redis) answers, 0 while buckets are local.",
+            registry=reg,
+        )
+        self.replicas = Gauge(
+            "fairway_replicas",
+            "Gateway replicas sharing fairness through the state backend, this one included "
+            "(0 while it cannot reach them).",
             registry=reg,
         )
         self.config_reloads = Counter(
