@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+import redis.asyncio as aioredis
 
 from gateway.core.fairness import Ticket, Vtc
 from gateway.core.ledger import EngineLimit, EngineLoad
@@ -69,6 +70,11 @@ async def test_three_replicas_give_two_tenants_of_weights_one_and_two_service_on
     sims = [await start_sim(max_num_seqs=SLOTS, time_scale=0.4) for _ in range(2)]
     try:
         cfg = replica_config(redis_url, [url for _, url in sims])
+        # History: acme was served a great deal while nobody contended. That earns no
+        # penalty now: acme is rebased to a bounded lead once both tenants wait.
+        r = aioredis.from_url(redis_url)
+        await r.hset(f"fairway:fair:{MODEL}:served", "acme", "1e7")
+        await r.aclose()
         async with contextlib.AsyncExitStack() as stack:
             bases = []
             for i in range(3):
@@ -77,13 +83,14 @@ async def test_three_replicas_give_two_tenants_of_weights_one_and_two_service_on
                 bases.append(base)
             loop = asyncio.get_running_loop()
             start = loop.time()
-            since, until = start + 4.0, start + 22.0
+            since, until = start + 6.0, start + 22.0
             acme, globex = [0.0], [0.0]
-            # acme floods replica 0 alone; globex floods replicas 1 and 2.
+            # acme (weight 1) floods replicas 0 and 1; globex (weight 2) replica 2 alone. Each
+            # replica deciding alone would give acme twice globex's service, not half.
             await asyncio.gather(
-                flood(bases[0], ACME, acme, until, since, 16),
-                flood(bases[1], GLOBEX, globex, until, since, 8),
-                flood(bases[2], GLOBEX, globex, until, since, 8),
+                flood(bases[0], ACME, acme, until, since, 8),
+                flood(bases[1], ACME, acme, until, since, 8),
+                flood(bases[2], GLOBEX, globex, until, since, 16),
             )
             ratio = globex[0] / acme[0]
             assert 1.9 <= ratio <= 2.1, f"globex/acme service {ratio:.3f}, want 2 within 5%"
@@ -224,3 +231,15 @@ async def test_a_replica_that_cannot_reach_redis_decides_alone() -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await s.close()
+
+
+def test_a_lead_earned_while_nobody_contended_is_cut_to_a_bound() -> None:
+    p = Vtc()
+    p.served = {"acme": 1e6, "globex": 10.0}
+    p.enqueue(_ticket("acme"), 0.0)
+    p.rebase()  # nobody waits elsewhere: nothing to compare with
+    assert p.served["acme"] == 1e6
+    p.remote = frozenset({"globex"})
+    p.rebase()
+    assert p.served["acme"] == 10.0 + p.lead_cap * 150.0
+    assert p.take_marks() == {"acme": ("min", p.served["acme"])}

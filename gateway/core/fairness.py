@@ -274,6 +274,7 @@ class Vtc(_Queued):
 
     name = "vtc"
     hold_slack = 2.0  # typical requests a tenant may be ahead of one waiting elsewhere
+    lead_cap = 16.0  # typical requests; see `rebase`
 
     def __init__(self, prices: Prices = Prices()) -> None:
         super().__init__(prices)
@@ -281,7 +282,7 @@ class Vtc(_Queued):
         # Tenants waiting for this model at other replicas (shared state).
         self.remote: frozenset[str] = frozenset()
         self._typical: dict[str, float] = {}  # one typical request of the tenant, in counter units
-        self._lifts: dict[str, tuple[float, float | None]] = {}
+        self._marks: dict[str, tuple[str, float]] = {}
 
     def _scale(self, t: Ticket) -> float:
         return 1.0 / t.weight
@@ -294,16 +295,31 @@ class Vtc(_Queued):
 
     def _lift(self, tenant: str, to: float) -> None:
         """Raise the tenant's counter to `to` (idling earns no credit)."""
-        now = self.served.get(tenant, 0.0)
-        if to > now:
-            by, _ = self._lifts.get(tenant, (0.0, None))
-            self._lifts[tenant] = (by + to - now, to)
+        if to > self.served.get(tenant, 0.0):
             self.served[tenant] = to
+            self._marks[tenant] = ("max", to)
 
-    def take_lifts(self) -> dict[str, tuple[float, float | None]]:
-        """The lifts since the last call: tenant -> (how much, to what)."""
-        lifts, self._lifts = self._lifts, {}
-        return lifts
+    def rebase(self) -> None:
+        """Bring a tenant waiting here back to `lead_cap` typical requests ahead of the least
+        served tenant waiting anywhere: a lead that large was earned while nobody contended
+        (using idle capacity is not to be paid for later), or by two replicas lifting at once
+        without seeing each other. Called after each exchange with the other replicas."""
+        here = self.backlogged()
+        if not self.remote or not here:
+            return
+        low = min(self.served.get(k, 0.0) for k in {*here, *self.remote})
+        for tenant in here:
+            cap = low + self.lead_cap * self._typical.get(tenant, 1.0)
+            if self.served.get(tenant, 0.0) > cap:
+                self.served[tenant] = cap
+                self._marks[tenant] = ("min", cap)
+
+    def take_marks(self) -> dict[str, tuple[str, float]]:
+        """The counters set outright (lifted or rebased) since the last call: tenant ->
+        ("max" or "min", the value set). Shared counters apply them as a maximum or a minimum,
+        which two replicas setting one tenant at once must not add up."""
+        marks, self._marks = self._marks, {}
+        return marks
 
     def enqueue(self, t: Ticket, now: float) -> None:
         self._typical[t.tenant] = t.unit_cost * self._scale(t)

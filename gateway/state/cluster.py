@@ -5,8 +5,8 @@ Each replica keeps its own fairness queues (a request waits at the replica it ca
 every `state.sync_interval_s` it runs one Lua script per model that
 
 - adds what its VTC/WSC counters grew by since the last sync to the model's shared counters
-  and reads them all back, so every replica orders tenants by the service they received from
-  all replicas together;
+  (a counter lifted or rebased as a maximum or minimum) and reads them all back, so every
+  replica orders tenants by the service they received from all replicas together;
 - publishes which tenants wait here and what this replica has in flight at each engine, and
   reads what the others published.
 
@@ -42,16 +42,20 @@ from gateway.core.ledger import EngineLoad
 
 # KEYS: the model's counters (hash tenant -> counter), its presence (hash replica -> "time
 # json"), the sync's id key. ARGV: replica, stale seconds, this replica's presence json, the
-# sync's id ('' when it carries no counters), then (tenant, increment, lift or '') triples.
+# sync's id ('' when it carries no counters), then (tenant, increment, mark) triples: a mark
+# ("max V" or "min V", or '') sets the counter to at least or at most V before the increment.
 _SYNC = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 if ARGV[4] ~= '' and redis.call('SET', KEYS[3], '1', 'NX', 'EX', 3600) then
   for i = 5, #ARGV, 3 do
-    local lift = ARGV[i + 2]
-    if lift ~= '' then
+    local mark = ARGV[i + 2]
+    if mark ~= '' then
       local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[i])) or 0
-      if cur < tonumber(lift) then redis.call('HSET', KEYS[1], ARGV[i], lift) end
+      local op, to = string.sub(mark, 1, 3), tonumber(string.sub(mark, 5))
+      if (op == 'max' and cur < to) or (op == 'min' and cur > to) then
+        redis.call('HSET', KEYS[1], ARGV[i], string.sub(mark, 5))
+      end
     end
     redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1])
   end
@@ -74,7 +78,8 @@ end
 return {redis.call('HGETALL', KEYS[1]), others}
 """
 
-Triple = tuple[str, float, float | None]  # tenant, increment, lifted to (or None)
+# tenant, increment, and the counter set outright first: ("max" or "min", value), or None
+Triple = tuple[str, float, tuple[str, float] | None]
 
 
 @dataclass(slots=True)
@@ -158,18 +163,19 @@ class ClusterSync:
         self.replicas.clear()
 
     def _payload(self, model: str, p: FairnessPolicy) -> tuple[str, list[Triple]] | None:
-        """The counter growth since the last sync (lifts apart: they are a maximum, which two
-        replicas lifting one tenant must not add up), counted as sent from now on."""
+        """The counter growth since the last sync, counted as sent from now on. A counter
+        set outright (lifted, rebased) goes as that value, applied as a maximum or minimum,
+        plus what it grew by since."""
         if not isinstance(p, Vtc):
             return None
         st = self.state.setdefault(model, _Model())
-        lifts = p.take_lifts()
+        marks = p.take_marks()
         triples: list[Triple] = []
         for tenant, value in p.served.items():
-            lifted_by, lifted_to = lifts.get(tenant, (0.0, None))
-            inc = value - st.base.get(tenant, 0.0) - lifted_by
-            if inc or lifted_to is not None:
-                triples.append((tenant, inc, lifted_to))
+            mark = marks.get(tenant)
+            inc = value - (mark[1] if mark else st.base.get(tenant, 0.0))
+            if inc or mark:
+                triples.append((tenant, inc, mark))
                 st.base[tenant] = value
         if not triples:
             return None
@@ -192,8 +198,8 @@ class ClusterSync:
         ready = any(p.may_start(t, 0.0) for t in waiting)
         presence = orjson.dumps({"w": waiting, "b": ready, "l": mine}).decode()
         argv: list[str] = [self.replica, repr(self.stale_s), presence, op]
-        for tenant, inc, lift in triples:
-            argv += [tenant, repr(inc), "" if lift is None else repr(lift)]
+        for tenant, inc, mark in triples:
+            argv += [tenant, repr(inc), "" if mark is None else f"{mark[0]} {mark[1]!r}"]
         pre = f"{self.prefix}fair:{model}:"
         keys = [pre + "served", pre + "replicas", pre + "sync:" + (op or "-")]
         async with asyncio.timeout(self.timeout_s * 2):
@@ -247,6 +253,7 @@ class ClusterSync:
                 p.served[tenant] = value + since
                 st.base[tenant] = value
             p.remote = frozenset(waiting)
+            p.rebase()
 
     async def close(self) -> None:
         """Leave the others' view at once (rather than after `stale_s`)."""
