@@ -115,6 +115,50 @@ def _train_router(args: argparse.Namespace) -> int:
     return 0
 
 
+def _engine(args: argparse.Namespace) -> int:
+    import os
+    import subprocess
+
+    from engines import vllm_launch
+
+    name = f"fairway engine {args.kind}"
+    try:
+        cfg = load(args.config)
+    except ConfigError as exc:
+        print(f"{name}: invalid configuration {args.config}:", file=sys.stderr)
+        for err in exc.errors:
+            print(f"  {err}", file=sys.stderr)
+        return 2
+    e = next((e for e in cfg.engines if e.id == args.engine and e.kind == "vllm"), None)
+    if e is None:
+        known = [e.id for e in cfg.engines if e.kind == "vllm"]
+        print(f"{name}: {args.config} has no vllm engine {args.engine!r}; it has {known}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    python = e.vllm_python or sys.executable
+    engine = vllm_launch.Engine(
+        served_model=e.model, model=e.model_path or e.model, url=e.url, python=python,
+        api_key=e.api_key, tp=e.tp, max_num_seqs=e.max_num_seqs,
+        max_batched_tokens=e.max_batched_tokens, extra_args=(*e.vllm_args, *args.vllm_args),
+        host=args.host,
+    )  # fmt: skip
+    try:
+        probe = subprocess.run([python, "-c", vllm_launch.PROBE], capture_output=True,
+                               text=True, timeout=300, check=True)  # fmt: skip
+        launch = vllm_launch.build(engine, vllm_launch.read_probe(probe.stdout), os.environ)
+    except subprocess.CalledProcessError as exc:
+        print(f"{name}: {python} cannot run vLLM:\n{exc.stderr[-2000:]}", file=sys.stderr)
+        return 2
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(launch.render())
+        return 0
+    sys.stdout.flush()
+    os.execvpe(launch.argv[0], list(launch.argv), {**os.environ, **launch.env})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fairway", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -158,6 +202,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quantile", type=float, default=0.9, help="the upper quantile")
     p.add_argument("--rounds", type=int, default=300, help="boosting rounds per model")
     p.set_defaults(func=_train_router)
+
+    p = sub.add_parser("engine", help="start an engine of a config file")
+    kinds = p.add_subparsers(dest="kind", required=True)
+    p = kinds.add_parser("vllm", help="a vLLM OpenAI server (exec'd, so signals reach it)")
+    p.add_argument("--config", default="config.toml")
+    p.add_argument("--engine", required=True, help="the engine's id")
+    p.add_argument("--host", default=None, help="listen address (default: the url's host)")
+    p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
+    p.add_argument("vllm_args", nargs="*", help="after --: more vLLM server flags")
+    p.set_defaults(func=_engine)
 
     args = parser.parse_args(argv)
     result: int = args.func(args)

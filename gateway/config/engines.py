@@ -7,12 +7,14 @@ import os
 import re
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import field
 from typing import Annotated, Literal, Self
 
 from pydantic import Field, StrictInt, StrictStr, model_validator
 from pydantic.dataclasses import dataclass
 
 from engines.perf_model import GPUS, MODELS, PerfModel
+from engines.vllm_launch import own_flags_in
 from gateway.config.fields import TABLE, Count, Name, Natural, Problem, one_of, report
 
 EngineKind = Literal["sim", "vllm"]
@@ -40,6 +42,10 @@ class EngineTable:
     max_batched_tokens: Annotated[StrictInt, Field(ge=16)] = 2048
     max_running: Count | None = None  # default: max_num_seqs
     max_kv_tokens: Annotated[StrictInt, Field(ge=-1)] = -1  # -1: sim: modelled; vllm: no limit
+    # vllm, for `fairway engine vllm` (how the engine is started, not how it is reached):
+    model_path: StrictStr = ""  # a local path or a Hugging Face id; default: the model's name
+    vllm_python: StrictStr = ""  # the Python that has vLLM; default: the launcher's own
+    vllm_args: tuple[StrictStr, ...] = ()  # more server flags, after the launcher's own
 
     @model_validator(mode="after")
     def _kind_has_what_it_needs(self) -> Self:
@@ -56,6 +62,16 @@ class EngineTable:
         if key and not _HEADER_SAFE.fullmatch(key):
             where, shown = (("api_key_env",), env) if env else (("api_key",), "<hidden>")
             problems.append((where, shown, "must hold only visible ASCII characters"))
+        launch = {"model_path": self.model_path, "vllm_python": self.vllm_python,
+                  "vllm_args": self.vllm_args}  # fmt: skip
+        if self.kind != "vllm":
+            for name, value in launch.items():
+                if value:
+                    why = f"is only for a vllm engine, got kind {self.kind!r}"
+                    problems.append(((name,), value, why))
+        if clash := own_flags_in(self.vllm_args):
+            why = f"must not set {', '.join(clash)}: the launcher takes them from the entry"
+            problems.append((("vllm_args",), list(self.vllm_args), why))
         report(problems)
         return self
 
@@ -78,6 +94,11 @@ class EngineConfig:
     max_batched_tokens: int = 2048
     max_running: int = 256  # the gateway's in-flight limit for this engine
     max_kv_tokens: int = 0  # in-flight prompt + expected output tokens; 0 = no limit
+    # How `fairway engine vllm` starts it. Not compared: the gateway only reaches the engine,
+    # so a reload that changes these alone leaves it be.
+    model_path: str = field(default="", compare=False)  # resolved: the model's name if unset
+    vllm_python: str = field(default="", compare=False)
+    vllm_args: tuple[str, ...] = field(default=(), compare=False)
 
 
 # region -> model -> entries
@@ -125,5 +146,6 @@ def _engine(region: str, model: str, i: int, t: EngineTable) -> EngineConfig:
         api_key=os.environ[t.api_key_env] if t.api_key_env else t.api_key or None,
         gpu=t.gpu, arch=arch, tp=t.tp, port=t.port, max_num_seqs=t.max_num_seqs,
         max_batched_tokens=t.max_batched_tokens, max_running=t.max_running or t.max_num_seqs,
-        max_kv_tokens=kv,
+        max_kv_tokens=kv, model_path=t.model_path or model, vllm_python=t.vllm_python,
+        vllm_args=t.vllm_args,
     )  # fmt: skip

@@ -234,6 +234,10 @@ _NEW_ENGINE: Schema = {
         "max_batched_tokens": {"type": "integer", "minimum": 16},
         "max_running": {"type": "integer", "minimum": 1},
         "max_kv_tokens": {"type": "integer", "minimum": -1},
+        # Read by `fairway engine vllm` only: the gateway never starts vllm engines itself.
+        "model_path": {"type": "string", "description": "vllm: the weights to load."},
+        "vllm_python": {"type": "string", "description": "vllm: the Python that has vLLM."},
+        "vllm_args": {"type": "array", "items": {"type": "string"}},
     },
 }
 
