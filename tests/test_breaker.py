@@ -180,7 +180,7 @@ async def test_probes_readmit_half_open_where_one_5xx_ejects_and_successes_close
     assert len(ejections.of("e0")) == 1
     # /health still answers 200: probes re-admit it, but only on trial.
     await wait_for(lambda: state.healthy)
-    assert state.half_open
+    assert state.half_open and state.state == "half_open"  # as /admin/engines shows it
     assert await chat(client) == 503
     [_, again] = ejections.of("e0")  # its first 5xx ejected it at once
     assert "half-open" in again
@@ -190,7 +190,7 @@ async def test_probes_readmit_half_open_where_one_5xx_ejects_and_successes_close
     assert await chat(client) == 200
     assert state.half_open  # one good answer of healthy_after=2
     assert await chat(client) == 200
-    assert state.healthy and not state.half_open  # closed
+    assert state.healthy and not state.half_open and state.state == "active"  # closed
     fake.chat_status = 500
     assert await chat(client) == 503
     assert state.healthy  # closed again: one 5xx is counted, not an ejection

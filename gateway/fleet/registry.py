@@ -47,10 +47,13 @@ class EngineState:
 
     @property
     def state(self) -> str:
-        """`active`, `draining` or `ejected` (unhealthy), as the admin API shows it."""
+        """`active`, `half_open` (re-admitted, on trial: its first 5xx ejects it again),
+        `draining` or `ejected` (unhealthy), as the admin API shows it."""
         if self.mode is EngineMode.DRAINING:
             return "draining"
-        return "active" if self.healthy else "ejected"
+        if not self.healthy:
+            return "ejected"
+        return "half_open" if self.half_open else "active"
 
 
 class EngineRegistry:

@@ -202,8 +202,15 @@ _ENGINE: Schema = {
         "model": {"type": "string"},
         "url": {"type": "string"},
         "kind": {"type": "string", "enum": ["sim", "vllm"]},
-        "state": {"type": "string", "enum": ["active", "draining", "ejected", "removed"]},
+        "state": {
+            "type": "string",
+            "enum": ["active", "half_open", "draining", "ejected", "removed"],
+        },
         "in_flight": {"type": "integer"},
+        "in_flight_elsewhere": {
+            "type": "integer",
+            "description": "Other replicas' requests there (shared state; 0 with one replica).",
+        },
         "max_running": {"type": ["integer", "null"]},
         "max_kv_tokens": {"type": ["integer", "null"]},
         "running": {"type": "integer"},
