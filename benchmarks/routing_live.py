@@ -108,7 +108,7 @@ async def replay(policy: str, plan: list[Planned], args: argparse.Namespace,
                  model: Path) -> dict[str, Any]:  # fmt: skip
     raw = live_config(policy, args.engines, args.time_scale, model)
     runner = web.AppRunner(build_app(parse(raw), raw=raw), handler_cancellation=True,
-                           access_log=None)  # fmt: skip
+                           access_log=None, auto_decompress=False)  # fmt: skip
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

@@ -70,7 +70,8 @@ async def start_gateway(
     ) -> tuple[TestServer, Gateway]:
         raw = cfg or config_dict()
         config: Config = parse(raw)
-        server = await aiohttp_server(build_app(config, config_path=config_path, raw=raw))
+        app = build_app(config, config_path=config_path, raw=raw)
+        server = await aiohttp_server(app, auto_decompress=False)  # as `fairway serve` runs it
         return server, server.app[GATEWAY]
 
     return start

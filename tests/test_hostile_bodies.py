@@ -89,6 +89,15 @@ async def test_compressed_body_within_limit_is_served(gateway: Served, encoding:
     assert orjson.loads(body)["object"] == "chat.completion"
 
 
+async def test_raw_deflate_is_served_as_well(gateway: Served) -> None:
+    """RFC 9110's deflate is zlib-wrapped; some clients send it raw, and both are taken."""
+    server, _ = gateway
+    squeeze = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    data = squeeze.compress(chat()) + squeeze.flush()
+    status, body = await post_raw(server, data, {"Content-Encoding": "deflate"})
+    assert status == 200, body
+
+
 BAD_ENCODINGS = [
     ("corrupt gzip", b"\x1f\x8b\x08\x00garbage-garbage", "gzip"),
     ("gzip header, plain body", chat(), "gzip"),
@@ -96,6 +105,10 @@ BAD_ENCODINGS = [
     ("unknown coding", chat(), "x-unknown"),
     ("two codings", gzip.compress(gzip.compress(chat())), "gzip, gzip"),
     ("brotli", chat(), "br"),
+    ("corrupt brotli", b"\x28\xb5\x2f\xfd garbage", "br"),
+    ("zstd", b"\x28\xb5\x2f\xfd\x00\x58garbage", "zstd"),
+    ("truncated gzip", gzip.compress(chat())[:-12], "gzip"),
+    ("raw deflate, cut short", zlib.compress(chat())[2:-20], "deflate"),
 ]
 
 
@@ -112,6 +125,27 @@ async def test_bad_content_encoding_is_400(
     assert err["param"] == "Content-Encoding"
     assert b"zlib" not in body and b"Error -3" not in body
     await assert_healthy(server)
+
+
+async def test_fairway_serve_answers_codings_aiohttp_cannot_decode(tmp_path: Any) -> None:
+    """`fairway serve` decodes bodies itself: a corrupt brotli stream or zstd (which aiohttp
+    would answer in plain text, or by dropping the connection) gets an OpenAI-shaped 400."""
+    from tests.serving import serving
+
+    async with serving(config_dict(), tmp_path) as (_, base, _log):
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as http:
+            for data, encoding in [(b"\x28\xb5\x2f\xfd garbage", "br"),
+                                   (b"\x28\xb5\x2f\xfd\x00\x58garbage", "zstd"),
+                                   (gzip.compress(chat())[:-12], "gzip")]:  # fmt: skip
+                headers = {**JSON, "Content-Encoding": encoding}
+                async with http.post(f"{base}{CHAT}", data=data, headers=headers) as r:
+                    body = await r.read()
+                assert r.status == 400, body
+                assert assert_openai_error(body, 400)["param"] == "Content-Encoding"
+            async with http.post(f"{base}{CHAT}", data=gzip.compress(chat()),
+                                 headers={**JSON, "Content-Encoding": "gzip"}) as r:  # fmt: skip
+                assert r.status == 200, await r.read()
 
 
 # --- 2. Nesting depth.

@@ -43,7 +43,8 @@ def build_app(
 ) -> web.Application:
     """The gateway application for `cfg`; sim engines start with it, inside its event loop.
     `config_path` is the file SIGHUP and `POST /admin/reload` re-read; `raw` the document
-    `cfg` was parsed from (read from `config_path` when not given)."""
+    `cfg` was parsed from (read from `config_path` when not given). Serve it with aiohttp's
+    `auto_decompress=False` (`gateway.http.serve` does): the handlers decode bodies."""
     app = web.Application(client_max_size=cfg.server.max_body_bytes, middlewares=[openai_errors])
     path = Path(config_path) if config_path is not None else None
     if raw is None and path is not None:

@@ -59,17 +59,17 @@ async def _proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
         interaction = request.headers.get(INTERACTION_HEADER)
         regions = request.headers.get(REGIONS_HEADER)
         check_headers(interaction, regions)
-        # aiohttp decodes gzip and deflate in bounded steps; read_body() holds the decoded
-        # body to server.max_body_bytes, and reserves its bytes for the tenant as they arrive.
+        # read_body() decodes gzip and deflate in bounded steps, holds the decoded body to
+        # server.max_body_bytes, and reserves its bytes for the tenant as they arrive.
         encoding = check_encoding(request.headers.get("Content-Encoding"))
         if request.content_length is not None:  # reserved before a byte of it is read
             hold.reserve(min(request.content_length, gw.cfg.server.max_body_bytes))
         try:
             if request.content.is_eof():  # the usual case: the body came with the headers
-                raw = await read_body(request, hold)
+                raw = await read_body(request, hold, encoding)
             else:
                 async with asyncio.timeout(gw.cfg.server.body_timeout_s):
-                    raw = await read_body(request, hold)
+                    raw = await read_body(request, hold, encoding)
         except TimeoutError:
             raise ApiError(
                 408,

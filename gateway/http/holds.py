@@ -10,12 +10,14 @@ it is read, and bodies of unknown or compressed length as their bytes arrive. Ov
 
 from __future__ import annotations
 
+import sys
 import weakref
 
 from aiohttp import web
 
 from gateway.config.schema import Config
 from gateway.core.errors import ApiError
+from gateway.http.decode import Inflater
 from gateway.http.gate import Gate
 
 
@@ -108,17 +110,23 @@ def holds_of(gate: Gate) -> Holds:
     return holds
 
 
-async def read_body(request: web.Request, hold: Hold) -> bytes:
-    """The request's (decoded) body, its bytes reserved in `hold` as they arrive; bounded by
-    the application's client_max_size as `request.read()` bounds it."""
+async def read_body(request: web.Request, hold: Hold, encoding: str = "identity") -> bytes:
+    """The request's body decoded from `encoding` (identity, gzip or deflate: see
+    `gateway.http.decode`), its decoded bytes reserved in `hold` as they arrive; bounded by the
+    application's client_max_size as `request.read()` bounds it."""
     max_size = request.client_max_size
     content = request.content
     if max_size:
         content.set_read_chunk_size(max_size)
+    inflate = Inflater(encoding) if encoding != "identity" else None
     body = bytearray()
     while chunk := await content.readany():
+        if inflate is not None:
+            chunk = inflate.feed(chunk, max_size or sys.maxsize)
         body.extend(chunk)
         if max_size and len(body) > max_size:
             raise web.HTTPRequestEntityTooLarge(max_size, len(body))
         hold.reserve(len(body))
+    if inflate is not None:
+        inflate.finish()
     return bytes(body)

@@ -51,8 +51,10 @@ async def serve(
 
         def connection() -> HeadDeadline:
             # access_log=None: no access log line (the gateway logs each request itself).
+            # auto_decompress=False: bodies are decoded by the handler (gateway.http.decode).
             return HeadDeadline(server, loop=loop, head_timeout=head_timeout,
-                                keepalive_timeout=KEEPALIVE_S, access_log=None)  # fmt: skip
+                                keepalive_timeout=KEEPALIVE_S, access_log=None,
+                                auto_decompress=False)  # fmt: skip
 
         listening = await loop.create_server(connection, host, port, backlog=backlog,
                                              reuse_address=True,
