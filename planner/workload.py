@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import gzip
 import json
 import math
 import sys
@@ -37,7 +38,8 @@ import numpy.typing as npt
 
 from engines.perf_model import MODELS
 
-TRACE = Path(__file__).resolve().parents[2] / "shared/data/azure-llm-2023/conv.csv"
+# The Azure conversation trace, shipped compressed with the planner (planner/data/README.md).
+TRACE = Path(__file__).resolve().parent / "data" / "azure_llm_2023_conv.csv.gz"
 CLASSES = ("interactive", "batch")
 DAY_MIN = 1440
 
@@ -180,11 +182,13 @@ class RealTrace:
 
 
 def load_real(path: Path = TRACE) -> RealTrace:
-    """The Azure conversation trace (TIMESTAMP, ContextTokens, GeneratedTokens) as arrays."""
+    """The Azure conversation trace (TIMESTAMP, ContextTokens, GeneratedTokens; a CSV file,
+    gzip-compressed when its name ends in .gz) as arrays."""
     stamps: list[float] = []
     prompt: list[int] = []
     output: list[int] = []
-    with open(path, newline="") as f:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", newline="") as f:
         for r in csv.DictReader(f):
             # Seven fractional digits in the file; fromisoformat takes six at most.
             ts = dt.datetime.fromisoformat(r["TIMESTAMP"][:26])

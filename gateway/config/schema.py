@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Mapping
-from dataclasses import KW_ONLY, fields
+from dataclasses import KW_ONLY, fields, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple, Self
 
@@ -52,7 +52,7 @@ from gateway.routing.policies import PREDICTED_LATENCY
 
 __all__ = [
     "AdminConfig", "AppConfig", "Config", "ConfigError", "EngineConfig", "EngineDiff",
-    "FairnessConfig", "LoggingConfig", "RoutingConfig", "ServerConfig", "SimConfig",
+    "FairnessConfig", "LimitsConfig", "LoggingConfig", "RoutingConfig", "ServerConfig", "SimConfig",
     "StateConfig", "TenantConfig", "diff_engines", "load", "parse",
 ]  # fmt: skip
 
@@ -148,6 +148,23 @@ class AdminConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, config=TABLE)
+class LimitsConfig:
+    """`limits` of a tenant or an application: hard limits, enforced always (not only under
+    overload) and, with the Redis backend, shared by every replica. 0 = no limit."""
+
+    tokens_per_minute: Rate = 0.0  # prompt + output tokens, settled with the real usage
+    burst_tokens: Rate = 0.0  # defaults to one minute of tokens
+    requests_per_minute: Rate = 0.0
+    burst_requests: Rate = 0.0  # defaults to one minute of requests
+    max_concurrent: Natural = 0  # requests under way at once (queued or in flight)
+
+
+def _limits(lim: LimitsConfig) -> LimitsConfig:
+    return replace(lim, burst_tokens=lim.burst_tokens or lim.tokens_per_minute,
+                   burst_requests=lim.burst_requests or lim.requests_per_minute)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, config=TABLE)
 class _AppTable:
     """`[tenants.<tenant>.apps.<app>]`: what a typical call costs, and how many calls one user
     interaction makes. Rates are in tokens (prompt + output) per minute; 0 = no limit."""
@@ -158,6 +175,7 @@ class _AppTable:
     calls_per_interaction: Count = 1
     tokens_per_minute: Rate = 0.0
     burst_tokens: Rate = 0.0  # defaults to one minute of tokens
+    limits: LimitsConfig = LimitsConfig()
 
 
 @dataclass(frozen=True, slots=True, config=TABLE)
@@ -190,6 +208,7 @@ class _TenantTable:
     cache_salt: StrictBool = True  # the gateway salts the engines' prefix cache per tenant
     max_concurrent: Natural = 256  # requests under way at once (queued + in flight); 0 = no limit
     max_body_bytes_in_flight: Natural = 64 << 20  # bytes of their request bodies; 0 = no limit
+    limits: LimitsConfig = LimitsConfig()  # hard limits of the whole tenant
     apps: dict[str, _AppTable] = Field(default_factory=dict)
     keys: tuple[_TenantKey, ...] = ()
 
@@ -220,6 +239,7 @@ class TenantConfig:
     cache_salt: bool = True  # the gateway salts the engines' prefix cache per tenant
     max_concurrent: int = 256  # requests under way at once (queued + in flight); 0 = no limit
     max_body_bytes_in_flight: int = 64 << 20  # bytes of their request bodies; 0 = no limit
+    limits: LimitsConfig = LimitsConfig()  # hard limits, their bursts resolved
 
 
 def _tenant_keys(tenants: dict[str, _TenantTable]) -> dict[str, list[Loc]]:
@@ -300,7 +320,8 @@ class Config:
 
 def _app(name: str, a: _AppTable) -> AppConfig:
     table = {f.name: getattr(a, f.name) for f in fields(a)}
-    return AppConfig(name, **{**table, "burst_tokens": a.burst_tokens or a.tokens_per_minute})
+    return AppConfig(name, **{**table, "burst_tokens": a.burst_tokens or a.tokens_per_minute,
+                              "limits": _limits(a.limits)})  # fmt: skip
 
 
 def _tenant(name: str, t: _TenantTable) -> TenantConfig:
@@ -311,7 +332,8 @@ def _tenant(name: str, t: _TenantTable) -> TenantConfig:
                         burst_tokens=t.burst_tokens or t.tokens_per_minute, rpm=t.rpm,
                         max_n=t.max_n, max_top_logprobs=t.max_top_logprobs,
                         cache_salt=t.cache_salt, max_concurrent=t.max_concurrent,
-                        max_body_bytes_in_flight=t.max_body_bytes_in_flight)  # fmt: skip
+                        max_body_bytes_in_flight=t.max_body_bytes_in_flight,
+                        limits=_limits(t.limits))  # fmt: skip
 
 
 _DOCUMENT = TypeAdapter(_Document)

@@ -8,6 +8,11 @@ never to a request that continues an interaction already in progress: an agent's
 not cut off after the first four have been paid for. A request that opens an interaction must
 find room in the buckets for the whole interaction (its application's calls per interaction).
 
+Hard limits (`limits` of a tenant or an application) are enforced always, overload or not,
+continuing interaction or not: tokens per minute (a bucket charged like the soft ones),
+requests per minute (a bucket charged one per request) and `max_concurrent` (requests under way,
+a count that admission takes one of and the request's end gives back).
+
 Buckets and interactions are pure here; `gateway.state.buckets` keeps them in one process or
 in Redis.
 """
@@ -17,9 +22,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
-from gateway.config.schema import AppConfig, Config, TenantConfig
+from gateway.config.schema import AppConfig, Config, LimitsConfig, TenantConfig
 from gateway.core.fairness import Prices, Ticket
 from gateway.core.request import RequestInfo
 
@@ -27,12 +32,24 @@ if TYPE_CHECKING:
     from gateway.core.dispatch import Dispatcher
 
 
+Unit = Literal["tokens", "requests", "concurrent"]
+TOKENS: Unit = "tokens"
+REQUESTS: Unit = "requests"
+CONCURRENT: Unit = "concurrent"
+
+
 @dataclass(frozen=True, slots=True)
 class Limit:
-    """A token bucket's shape: `per_minute` tokens refill it, it holds at most `burst`."""
+    """A bucket's shape: `per_minute` units refill it, it holds at most `burst`. A request is
+    charged its tokens, or one request, or one slot (`concurrent`: no refill, the request's
+    end gives the slot back). `hard` buckets refuse whenever they lack room; the others only
+    under overload (OIT). `setting` names the config key, for the client's error."""
 
     per_minute: float
     burst: float
+    unit: Unit = TOKENS
+    hard: bool = False
+    setting: str = ""
 
     @property
     def rate(self) -> float:
@@ -61,8 +78,11 @@ class Bucket:
         self.level = min(limit.burst, self.level - tokens)
 
     def wait_for(self, limit: Limit, need: float) -> float:
-        """Seconds until the bucket holds `need` tokens."""
-        return max(0.0, need - self.level) / limit.rate if limit.rate > 0 else float("inf")
+        """Seconds until the bucket holds `need` tokens (inf: it never refills)."""
+        short = need - self.level
+        if short <= 0:
+            return 0.0
+        return short / limit.rate if limit.rate > 0 else float("inf")
 
     def reset_s(self, limit: Limit) -> float:
         return self.wait_for(limit, limit.burst)
@@ -73,11 +93,40 @@ class Verdict:
     """The admission decision and what the `x-ratelimit-*` headers report."""
 
     admitted: bool
-    retry_after_s: float = 0.0
-    limit: Limit | None = None  # the tighter of the buckets checked
+    retry_after_s: float = 0.0  # inf: only a request's end makes room (`concurrent`)
+    limit: Limit | None = None  # the tightest token bucket
     remaining: float = 0.0
     reset_s: float = 0.0
-    reason: str = ""
+    reason: str = ""  # the key of the bucket that refused
+    refused: Limit | None = None  # and its shape
+    requests: Limit | None = None  # the tightest requests bucket
+    remaining_requests: float = 0.0
+    reset_requests_s: float = 0.0
+
+
+def plan(
+    keys: Keyed, cost: float, need: float, enforce: bool
+) -> tuple[list[float], list[float | None]]:
+    """Per bucket, what admitting a request of `cost` tokens charges and what the bucket must
+    hold first (None: not checked). Soft buckets check `need` only under `enforce`."""
+    charges: list[float] = []
+    needs: list[float | None] = []
+    for _, lim in keys:
+        if lim.unit == TOKENS:
+            charges.append(cost)
+            needs.append(min(cost if lim.hard else need, lim.burst)
+                         if lim.hard or enforce else None)  # fmt: skip
+        else:
+            charges.append(1.0)
+            needs.append(min(1.0, lim.burst) if lim.hard or enforce else None)
+    return charges, needs
+
+
+def amounts(keys: Keyed, tokens: float, requests: float = 0.0, slots: float = 0.0) -> list[float]:
+    """Per bucket, the charge of `tokens`, `requests` and concurrency `slots` (negative: given
+    back)."""
+    by_unit = {TOKENS: tokens, REQUESTS: requests, CONCURRENT: slots}
+    return [by_unit[lim.unit] for _, lim in keys]
 
 
 def decide(
@@ -87,30 +136,58 @@ def decide(
     enforce: bool,
     now: float,
 ) -> Verdict:
-    """Check and charge `cost` tokens against every bucket at once (all or nothing).
+    """Check and charge a request of `cost` tokens against every bucket at once (all or
+    nothing).
 
-    With `enforce`, each bucket must hold `need` tokens (capped at its burst) or the request is
-    refused with the longest wait; without it the charge always goes through.
+    Hard buckets must hold the request's own charge (capped at their burst); with `enforce`,
+    soft ones must hold `need` tokens (capped at their burst). Else the request is refused with
+    the longest wait; without either the charge always goes through.
     """
+    charges, needs = plan([(k, lim) for k, lim, _ in buckets], cost, need, enforce)
+    return check_and_charge(buckets, charges, needs, now)
+
+
+def check_and_charge(
+    buckets: list[tuple[str, Limit, Bucket]],
+    charges: Sequence[float],
+    needs: Sequence[float | None],
+    now: float,
+) -> Verdict:
+    """`decide` with its per-bucket charges and needs (`plan`, `amounts`) spelt out."""
     for _, limit, b in buckets:
         b.refill(limit, now)
-    if enforce:
-        waits = [(b.wait_for(lim, min(need, lim.burst)), name) for name, lim, b in buckets]
-        worst = max(waits, default=(0.0, ""))
-        if worst[0] > 0:
-            return _verdict(buckets, False, worst[0], worst[1])
-    for _, limit, b in buckets:
-        b.charge(limit, cost)
-    return _verdict(buckets, True, 0.0, "")
+    worst, refused = 0.0, -1
+    for i, ((_, lim, b), want) in enumerate(zip(buckets, needs, strict=True)):
+        if want is not None and (w := b.wait_for(lim, want)) > worst:
+            worst, refused = w, i
+    if refused >= 0:
+        return summarize(buckets, False, worst, refused)
+    for (_, limit, b), amount in zip(buckets, charges, strict=True):
+        b.charge(limit, amount)
+    return summarize(buckets, True, 0.0, -1)
 
 
-def _verdict(
-    buckets: list[tuple[str, Limit, Bucket]], admitted: bool, retry: float, reason: str
+def _tightest(
+    buckets: list[tuple[str, Limit, Bucket]], unit: Unit
+) -> tuple[Limit, float, float] | None:
+    of_unit = [(lim, b) for _, lim, b in buckets if lim.unit == unit and lim.burst > 0]
+    if not of_unit:
+        return None
+    lim, b = min(of_unit, key=lambda x: x[1].level / x[0].burst)
+    return lim, max(0.0, b.level), b.reset_s(lim)
+
+
+def summarize(
+    buckets: list[tuple[str, Limit, Bucket]], admitted: bool, retry: float, refused: int
 ) -> Verdict:
-    if not buckets:
-        return Verdict(admitted, retry, reason=reason)
-    _, limit, b = min(buckets, key=lambda x: x[2].level / x[1].burst)
-    return Verdict(admitted, retry, limit, max(0.0, b.level), b.reset_s(limit), reason)
+    """The verdict on buckets as they now are; `refused` is the index of the one that refused
+    (-1: none)."""
+    reason, by = (buckets[refused][0], buckets[refused][1]) if refused >= 0 else ("", None)
+    tokens, requests = _tightest(buckets, TOKENS), _tightest(buckets, REQUESTS)
+    limit, remaining, reset = tokens or (None, 0.0, 0.0)
+    rlimit, rremaining, rreset = requests or (None, 0.0, 0.0)
+    return Verdict(admitted, retry, limit, remaining, reset, reason, by, rlimit, rremaining,
+                   rreset)  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -189,13 +266,17 @@ def format_reset(seconds: float) -> str:
 
 
 def ratelimit_headers(v: Verdict) -> dict[str, str]:
-    if v.limit is None:
-        return {}
-    return {
-        "x-ratelimit-limit-tokens": str(round(v.limit.per_minute)),
-        "x-ratelimit-remaining-tokens": str(int(v.remaining)),
-        "x-ratelimit-reset-tokens": format_reset(v.reset_s),
-    }
+    """OpenAI's `x-ratelimit-*` headers of the tightest token and requests buckets."""
+    out: dict[str, str] = {}
+    if v.limit is not None:
+        out["x-ratelimit-limit-tokens"] = str(round(v.limit.per_minute))
+        out["x-ratelimit-remaining-tokens"] = str(int(v.remaining))
+        out["x-ratelimit-reset-tokens"] = format_reset(v.reset_s)
+    if v.requests is not None:
+        out["x-ratelimit-limit-requests"] = str(round(v.requests.per_minute))
+        out["x-ratelimit-remaining-requests"] = str(int(v.remaining_requests))
+        out["x-ratelimit-reset-requests"] = format_reset(v.reset_requests_s)
+    return out
 
 
 Keyed = Sequence[tuple[str, Limit]]
@@ -207,6 +288,33 @@ def bucket_keys(tenant: TenantConfig, app: AppConfig) -> Keyed:
         keys.append((tenant.name, Limit(tenant.tokens_per_minute, tenant.burst_tokens)))
     if app.tokens_per_minute > 0:
         keys.append((f"{tenant.name}/{app.name}", Limit(app.tokens_per_minute, app.burst_tokens)))
+    return keys
+
+
+def limit_keys(tenant: TenantConfig, app: AppConfig) -> Keyed:
+    """The hard limits of the tenant and of its application, as buckets."""
+    keys: list[tuple[str, Limit]] = []
+    where = f"tenants.{tenant.name}"
+    for owner, lim, at in (
+        (tenant.name, tenant.limits, f"{where}.limits"),
+        (f"{tenant.name}/{app.name}", app.limits, f"{where}.apps.{app.name}.limits"),
+    ):
+        keys.extend(_hard(owner, lim, at))
+    return keys
+
+
+def _hard(owner: str, lim: LimitsConfig, at: str) -> Keyed:
+    keys: list[tuple[str, Limit]] = []
+    if lim.tokens_per_minute > 0:
+        keys.append((f"{owner}#tokens", Limit(lim.tokens_per_minute, lim.burst_tokens, TOKENS,
+                                              True, f"{at}.tokens_per_minute")))  # fmt: skip
+    if lim.requests_per_minute > 0:
+        rpm = Limit(lim.requests_per_minute, lim.burst_requests, REQUESTS, True,
+                    f"{at}.requests_per_minute")  # fmt: skip
+        keys.append((f"{owner}#requests", rpm))
+    if lim.max_concurrent > 0:
+        keys.append((f"{owner}#concurrent", Limit(0.0, float(lim.max_concurrent), CONCURRENT,
+                                                  True, f"{at}.max_concurrent")))  # fmt: skip
     return keys
 
 
@@ -233,6 +341,7 @@ class Admitting:
     need: float  # tokens the buckets must hold under overload (a whole interaction's worth)
     enforce: bool  # overloaded and not continuing an interaction
     ticket: Ticket
+    limits: Keyed = ()  # the hard limits, checked always
 
 
 class Admission:
@@ -261,7 +370,8 @@ class Admission:
             unit_cost(app, self.prices), continuing,
             predicted_output=info.predicted_output_tokens or 0,
         )  # fmt: skip
-        return Admitting(bucket_keys(tenant, app), cost, need, enforce, ticket)
+        return Admitting(bucket_keys(tenant, app), cost, need, enforce, ticket,
+                         limit_keys(tenant, app))  # fmt: skip
 
     def admitted(self, info: RequestInfo, now: float) -> None:
         """The request passed the buckets and has a place: its interaction is in progress."""

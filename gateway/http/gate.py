@@ -1,7 +1,9 @@
 """The gate in front of the proxy: throttle (OIT), then wait for a slot in the fairness queue.
 
-The thin asyncio shell around `gateway.core.gate.GateCore`: it charges the token buckets
-(an async store, in memory or Redis), and a waiting request is a future that the core's
+The thin asyncio shell around `gateway.core.gate.GateCore`: it charges the token buckets and
+the hard limits (an async store, in memory or Redis), and gives back what a request took
+however it ends (refused past the buckets, cancelled, timed out, failed, or done: then settled
+with its real usage); a waiting request is a future that the core's
 dispatcher resolves when the policy picks it. A client that goes away while waiting leaves
 the queue at once (aiohttp cancels its handler); nothing waits longer than
 `fairness.queue_timeout_s`.
@@ -14,7 +16,7 @@ import math
 import time
 
 from gateway.config.schema import Config
-from gateway.core.admission import Verdict, ratelimit_headers
+from gateway.core.admission import CONCURRENT, Keyed, Limit, Verdict, ratelimit_headers
 from gateway.core.dispatch import Decision, Dispatcher
 from gateway.core.errors import ApiError
 from gateway.core.gate import Fleet, GateCore, Router, Slot
@@ -23,15 +25,21 @@ from gateway.obs.metrics import GatewayMetrics
 from gateway.state.buckets import BucketStore
 
 
+def _ms(seconds: float) -> str:
+    # OpenAI's precise companion of Retry-After: clients that honour it retry just in time.
+    return str(max(1, math.ceil(seconds * 1000)))
+
+
 class Pass:
-    """A request let through the gate: its slot in the core, and the rate-limit headers
-    its response carries."""
+    """A request let through the gate: its slot in the core, the rate-limit headers its
+    response carries, and every bucket it was charged to (soft and hard)."""
 
-    __slots__ = ("headers", "slot")
+    __slots__ = ("headers", "keys", "slot")
 
-    def __init__(self, slot: Slot, headers: dict[str, str]) -> None:
+    def __init__(self, slot: Slot, headers: dict[str, str], keys: Keyed = ()) -> None:
         self.slot = slot
         self.headers = headers
+        self.keys = keys or slot.keys
 
     @property
     def engine(self) -> str:
@@ -60,17 +68,18 @@ class Gate:
         now = time.perf_counter()
         core, cfg = self.core, self.core.cfg
         a = core.prepare(info, now)
-        verdict = await self.store.admit(a.keys, a.cost, a.need, a.enforce)
+        keys = [*a.keys, *a.limits] if a.limits else a.keys
+        verdict = await self.store.admit(keys, a.cost, a.need, a.enforce)
         headers = ratelimit_headers(verdict)
         if not verdict.admitted:
             self.metrics.throttled.labels(info.tenant, info.app).inc()
             raise self._throttled(info, verdict, headers)
         decision, slot = core.submit(info, a, time.perf_counter())
-        p = Pass(slot, headers)
+        p = Pass(slot, headers, keys)
         if decision is Decision.START:
             return p
         if decision is Decision.UNAVAILABLE:
-            await self.store.settle(a.keys, -a.cost)
+            await self._refund(p)
             raise ApiError(
                 503,
                 f"No healthy engine can serve model '{info.model}' right now; retry shortly.",
@@ -78,7 +87,7 @@ class Gate:
                 headers={**headers, "Retry-After": str(cfg.server.retry_after_s)},
             )
         if decision is Decision.FULL:
-            await self.store.settle(a.keys, -a.cost)
+            await self._refund(p)
             self.metrics.dropped.labels(info.tenant, "queue_full").inc()
             raise ApiError(
                 429,
@@ -100,7 +109,7 @@ class Gate:
             return p
         except ApiError:  # the gateway is stopping (`fail_waiting`)
             if self.core.cancel(slot):
-                await self.store.settle(slot.keys, -slot.cost)
+                await self._refund(p)
             else:
                 await self.leave(p, None, None)
             raise
@@ -109,7 +118,7 @@ class Gate:
                 # Picked in the same instant: give the slot back to the next in line.
                 await self.leave(p, None, None)
             else:
-                await self.store.settle(slot.keys, -slot.cost)
+                await self._refund(p)
             reason = "client_gone" if isinstance(exc, asyncio.CancelledError) else "timeout"
             self.metrics.dropped.labels(slot.info.tenant, reason).inc()
             if isinstance(exc, asyncio.CancelledError):
@@ -127,7 +136,13 @@ class Gate:
                 headers={**p.headers, "Retry-After": str(self.cfg.server.retry_after_s)},
             ) from None
 
+    async def _refund(self, p: Pass) -> None:
+        """The request never reached an engine: everything it was charged goes back."""
+        await self.store.settle(p.keys, -p.slot.cost, requests=-1.0, slots=-1.0)
+
     def _throttled(self, info: RequestInfo, v: Verdict, headers: dict[str, str]) -> ApiError:
+        if v.refused is not None and v.refused.hard:
+            return self._over_limit(info, v, v.refused, headers)
         wait = max(1, math.ceil(v.retry_after_s))
         return ApiError(
             429,
@@ -136,7 +151,31 @@ class Gate:
             f" tokens per minute, remaining {headers.get('x-ratelimit-remaining-tokens')}. "
             f"Retry after {wait} s.",
             code="rate_limit_exceeded",
-            headers={**headers, "Retry-After": str(wait)},
+            headers={**headers, "Retry-After": str(wait), "retry-after-ms": _ms(v.retry_after_s)},
+        )
+
+    def _over_limit(
+        self, info: RequestInfo, v: Verdict, lim: Limit, headers: dict[str, str]
+    ) -> ApiError:
+        who = f"tenant '{info.tenant}'"
+        if ".apps." in lim.setting:
+            who += f" (application '{info.app}')"
+        if lim.unit == CONCURRENT:
+            retry = str(self.cfg.server.retry_after_s)
+            return ApiError(
+                429,
+                f"Concurrency limit reached for {who}: {round(lim.burst)} requests under way at "
+                f"once ({lim.setting}); retry when one has finished.",
+                code="concurrency_limit",
+                headers={**headers, "Retry-After": retry},
+            )
+        wait = max(1, math.ceil(v.retry_after_s))
+        return ApiError(
+            429,
+            f"Rate limit reached for {who} on {lim.unit} per minute ({lim.setting}): limit "
+            f"{round(lim.per_minute)}, burst {round(lim.burst)}. Please try again in {wait}s.",
+            code="rate_limit_exceeded",
+            headers={**headers, "Retry-After": str(wait), "retry-after-ms": _ms(v.retry_after_s)},
         )
 
     def on_tokens(self, p: Pass, n: int) -> None:
@@ -153,8 +192,8 @@ class Gate:
             return
         started, delta = self.core.finish(slot, prompt_tokens, output_tokens, time.perf_counter())
         self._wake(started)
-        if delta:
-            await self.store.settle(slot.keys, delta)
+        if delta or p.keys is not slot.keys:
+            await self.store.settle(p.keys, delta, slots=-1.0)
 
     def _wake(self, started: list[Slot]) -> None:
         for slot in started:
