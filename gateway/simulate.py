@@ -109,6 +109,8 @@ class GateFrontend:
         self._scraped_at = -math.inf
         self._now = 0.0
         self._ready: list[tuple[Job, str]] = []
+        # Demand is counted on the simulation's clock: seconds from its start (minute 0).
+        self.core.clock = lambda: self._now
 
     @property
     def sim(self) -> ClusterSim | None:

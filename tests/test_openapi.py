@@ -56,6 +56,6 @@ def test_the_document_is_valid_openapi() -> None:
     schema = schemathesis.openapi.from_dict(json.loads(DOC.read_bytes()))
     schema.validate()
     ops = [r.ok() for r in schema.get_all_operations()]
-    assert len(ops) == 12
+    assert len(ops) == 13
     for op in ops:
         assert all(str(s).isdigit() or s == "default" for s in op.definition.raw["responses"])

@@ -81,7 +81,7 @@ class Demand:
             ring = self._series[key] = _Ring(self.keep_minutes)
         ring.add(int(now_s // 60), requests, max(0, prompt), max(0, output))
 
-    def keys(self) -> list[Key]:
+    def series_keys(self) -> list[Key]:
         return sorted(self._series)
 
     def series(self, key: Key, since: int, until: int) -> list[Point]:

@@ -13,12 +13,14 @@ the simulator in memory; the core says what to charge (`Admitting`) and the shel
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from gateway.config.schema import Config
 from gateway.core.admission import Admission, Admitting, Keyed
+from gateway.core.demand import Demand
 from gateway.core.dispatch import Decision, build_dispatcher
 from gateway.core.fairness import Ticket
 from gateway.core.ledger import EngineLimit, EngineSnapshot, Ledger
@@ -95,6 +97,11 @@ class GateCore:
         self.slots: dict[int, Slot] = {}  # admitted, not yet finished: waiting or in flight
         # Called with an engine id each time a request there ends (draining engines go then).
         self.on_release: Callable[[str], None] | None = None
+        # Requests and tokens per minute per (model, region, class), by the wall clock (the
+        # simulator's own); `on_demand` sees each count too (the replicas' shared demand).
+        self.demand = Demand()
+        self.clock: Callable[[], float] = time.time
+        self.on_demand: Callable[[tuple[str, str, str], int, int, int], None] | None = None
 
     # The fleet ---------------------------------------------------------------------------
 
@@ -209,9 +216,21 @@ class GateCore:
         prompt = prompt_tokens or slot.info.prompt_tokens
         engine = self.ledger.engine_of(slot.handle)
         started = self.dispatcher.finish(slot.ticket, slot.info.model, prompt, output, now)
-        if engine is not None and self.on_release is not None:
-            self.on_release(engine)
+        if engine is not None:
+            self._count_demand(slot.info, engine, prompt, output)
+            if self.on_release is not None:
+                self.on_release(engine)
         return _picked(started), prompt + output - slot.cost
+
+    def _count_demand(self, info: RequestInfo, engine: str, prompt: int, output: int) -> None:
+        region = next((e.region for e in self.fleet.engines_of(info.model) if e.id == engine), "")
+        if not region:
+            return  # the engine left the fleet meanwhile
+        key = (info.model, region, info.klass)
+        wall = self.clock()
+        self.demand.add(key, wall, prompt=prompt, output=output)
+        if self.on_demand is not None:
+            self.on_demand(key, int(wall // 60), prompt, output)
 
     def poll(self, model: str, now: float) -> list[Slot]:
         """Start what can start now (an engine joined or came back, a window opened)."""

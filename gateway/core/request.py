@@ -34,3 +34,5 @@ class RequestInfo:
     predicted_output_upper: int | None = None
     # Completions the engine generates for it: max(n, best_of), each about as long as one.
     n: int = 1
+    # `interactive` or `batch` (gateway.core.demand.CLASSES): the demand it counts in.
+    klass: str = "interactive"

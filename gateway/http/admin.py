@@ -7,10 +7,13 @@
 - `POST /admin/engines/{id}/drain`: no new requests; leaves when its last one ends.
 - `DELETE /admin/engines/{id}`: the same, then gone (200 if it left at once, else 202).
 - `POST /admin/reload`: re-read the config file (as SIGHUP does); 400 with the errors.
+- `GET /admin/demand?minutes=N`: requests and tokens per minute per (model, region, class),
+  the last N minutes (default 60), summed over every replica when state is in Redis.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from typing import Any
@@ -201,8 +204,39 @@ async def reload(request: web.Request) -> web.Response:
     return json_response({**body, "errors": result.errors}, status=400)
 
 
+MAX_DEMAND_MINUTES = 7 * 24 * 60
+
+
+async def admin_demand(request: web.Request) -> web.Response:
+    gw = _admin(request)
+    raw = request.query.get("minutes", "60")
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_DEMAND_MINUTES:
+        raise bad_request(f"minutes must be an integer from 1 to {MAX_DEMAND_MINUTES}, "
+                          f"got {raw[:32]!r}", "minutes")  # fmt: skip
+    core = gw.gate.core
+    until = int(core.clock() // 60) + 1  # the minute under way included
+    since = until - int(raw)
+    demand, scope = core.demand, "replica"
+    if gw.shared_demand is not None:
+        # Redis not answering: this replica's own counts, and `scope` says so.
+        with contextlib.suppress(*gw.shared_demand.errors):
+            demand, scope = await gw.shared_demand.read(since, until), "replicas"
+    series = []
+    for model, region, klass in demand.series_keys():
+        points = demand.series((model, region, klass), since, until)
+        series.append({
+            "model": model, "region": region, "class": klass,
+            "requests": [p.requests for p in points],
+            "prompt_tokens": [p.prompt_tokens for p in points],
+            "output_tokens": [p.output_tokens for p in points],
+        })  # fmt: skip
+    return json_response({"minute_start": since, "minutes": until - since, "scope": scope,
+                          "series": series})  # fmt: skip
+
+
 def add_routes(router: web.UrlDispatcher) -> None:
     router.add_get("/admin/tenants", admin_tenants)
+    router.add_get("/admin/demand", admin_demand)
     router.add_get("/admin/engines", list_engines)
     router.add_post("/admin/engines", add_engine)
     router.add_post("/admin/engines/{id:.+}/drain", drain_engine)

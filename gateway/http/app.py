@@ -86,10 +86,12 @@ def build_app(
                 interval_s=st.sync_interval_s, timeout_s=st.timeout_s,
                 on_replicas=metrics_.replicas.set,
             )  # fmt: skip
+            core.on_demand = lambda key, minute, p, o: shared.demand.add(key, minute, 1, p, o)
         gw = Gateway(cfg, KeyRing(cfg.tenants, cfg.admin.key_digests), metrics_, registry, proxy,
                      session, gate, FleetManager(lambda: gw.cfg, registry, gate.core, gate.poll,
                                                  proxy, pool, metrics_),
-                     lengths=lengths, config_path=path, raw=raw or {})  # fmt: skip
+                     lengths=lengths, config_path=path, raw=raw or {},
+                     shared_demand=shared.demand if shared is not None else None)  # fmt: skip
         app[GATEWAY] = gw
         tasks: list[asyncio.Task[None]] = []
         hup = False

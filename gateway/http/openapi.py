@@ -24,6 +24,8 @@ from gateway.http.openapi_parts import (
     _NEW_ENGINE,
     _PROMPT,
     _USAGE,
+    DEMAND,
+    MINUTES,
     Schema,
     _completion,
     _error_response,
@@ -177,6 +179,14 @@ def document() -> dict[str, Any]:
                 _ok("Tenants and engine load", ref("schemas", "Tenants")),
             )
         },
+        "/admin/demand": {
+            "get": _admin(
+                "adminDemand",
+                "Requests and tokens per minute per (model, region, class): the planner's input",
+                {**_ok("The recent series", ref("schemas", "Demand")), **_errors("BadRequest")},
+                parameters=[MINUTES],
+            )
+        },
         "/admin/engines": {
             "get": _admin(
                 "listEngines",
@@ -315,6 +325,7 @@ def document() -> dict[str, Any]:
             },
         },
         "Engine": _ENGINE,
+        "Demand": DEMAND,
         "EngineList": {
             "type": "object",
             "required": ["engines"],

@@ -273,3 +273,42 @@ _HEADERS = [
         "schema": {"type": "string"},
     },
 ]
+
+MINUTES = {
+    "name": "minutes",
+    "in": "query",
+    "required": False,
+    "description": "How many minutes back, the one under way included (default 60).",
+    "schema": {"type": "integer", "minimum": 1, "maximum": 7 * 24 * 60},
+}
+_COUNTS = {"type": "array", "items": {"type": "integer", "minimum": 0}}
+DEMAND: Schema = {
+    "type": "object",
+    "required": ["minute_start", "minutes", "scope", "series"],
+    "properties": {
+        "minute_start": {"type": "integer", "description": "Minutes since the Unix epoch."},
+        "minutes": {"type": "integer"},
+        "scope": {
+            "type": "string",
+            "enum": ["replica", "replicas"],
+            "description": "`replicas`: summed over every replica (Redis state); `replica`: "
+            "this one's alone (memory state, or Redis not answering).",
+        },
+        "series": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["model", "region", "class", "requests", "prompt_tokens",
+                             "output_tokens"],
+                "properties": {
+                    "model": {"type": "string"},
+                    "region": {"type": "string"},
+                    "class": {"type": "string", "enum": ["interactive", "batch"]},
+                    "requests": _COUNTS,
+                    "prompt_tokens": _COUNTS,
+                    "output_tokens": _COUNTS,
+                },
+            },
+        },
+    },
+}  # fmt: skip

@@ -19,6 +19,7 @@ from gateway.http.auth import KeyRing
 from gateway.http.gate import Gate
 from gateway.lengths.service import LengthService
 from gateway.obs.metrics import GatewayMetrics
+from gateway.state.demand import SharedDemand
 from gateway.upstream.proxy import Proxy
 
 
@@ -47,6 +48,7 @@ class Gateway:
     config_path: Path | None = None  # what SIGHUP and POST /admin/reload re-read
     raw: dict[str, Any] = field(default_factory=dict)  # the TOML document `cfg` came from
     stopping: bool = False  # SIGTERM: readiness is 503 and new requests are refused
+    shared_demand: SharedDemand | None = None  # every replica's demand (Redis state)
 
 
 GATEWAY = web.AppKey("gateway", Gateway)

@@ -39,6 +39,7 @@ import structlog
 
 from gateway.core.fairness import FairnessPolicy, Vtc
 from gateway.core.ledger import EngineLoad
+from gateway.state.demand import SharedDemand
 
 # KEYS: the model's counters (hash tenant -> counter), its presence (hash replica -> "time
 # json"), the sync's id key. ARGV: replica, stale seconds, this replica's presence json, the
@@ -107,6 +108,7 @@ class ClusterSync:
         interval_s: float = 0.1,
         timeout_s: float = 0.25,
         on_replicas: Callable[[int], None] | None = None,
+        demand_flush_s: float = 1.0,
     ) -> None:
         import redis.asyncio as aioredis
         from redis.exceptions import RedisError
@@ -124,6 +126,9 @@ class ClusterSync:
         self.on_replicas = on_replicas
         self.replica = f"{os.uname().nodename}:{os.getpid()}:{os.urandom(4).hex()}"
         self.state: dict[str, _Model] = {}
+        # Every replica's demand per minute, flushed to Redis every `demand_flush_s`.
+        self.demand = SharedDemand(self.redis, prefix, timeout_s)
+        self.demand_flush_s = demand_flush_s
         self.replicas: dict[str, int] = {}  # model -> replicas seen, this one included
         self.alone = False  # Redis has not answered for `stale_s`: deciding alone
         self._seq = 0
@@ -131,8 +136,12 @@ class ClusterSync:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        last_ok = loop.time()
+        last_ok = flushed = loop.time()
         while True:
+            if loop.time() - flushed >= self.demand_flush_s:
+                flushed = loop.time()
+                with contextlib.suppress(*self._errors):  # kept for the next flush
+                    await self.demand.flush()
             ok = True
             for model in list(dict.fromkeys(self.models())):
                 try:

@@ -23,6 +23,9 @@ KEEP_S = 8 * 24 * 3600
 
 class SharedDemand:
     def __init__(self, redis: Redis, prefix: str, timeout_s: float = 0.25) -> None:
+        from redis.exceptions import RedisError
+
+        self.errors: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
         self.redis = redis
         self.prefix = prefix
         self.timeout_s = timeout_s
