@@ -1,0 +1,217 @@
+"""Demand forecasts per series: ARIMA on a rolling window of the past, seasonal-naive fallback.
+
+A series is one value per minute (prompt tokens of one model, region and class, as SageServe
+forecasts). `forecast(history, horizon)` sees only `history`, whose last value is the minute
+just ended: nothing after it can leak in. The plan sizes engines for a high quantile of the
+forecast, not its mean, because an engine asked for late cannot serve for minutes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from statistics import NormalDist
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+from statsmodels.tsa.arima.model import ARIMA
+from threadpoolctl import threadpool_limits
+
+Method = Literal["arima", "seasonal-naive", "level", "none"]
+
+DAY_MIN = 1440
+WEEK_MIN = 7 * DAY_MIN
+
+
+@dataclass(frozen=True, slots=True)
+class ForecastConfig:
+    """How a series is forecast. Defaults follow SageServe: ARIMA(3,1,2) on per-minute values."""
+
+    order: tuple[int, int, int] = (3, 1, 2)
+    window: int = 360  # minutes fitted: the rolling window of the past
+    min_history: int = 60  # fewer minutes than this: no ARIMA fit
+    quantile: float = 0.95
+    maxiter: int = 50  # optimiser iterations; a fit that has not converged by then still serves
+    seasons: tuple[int, ...] = (DAY_MIN, WEEK_MIN)  # seasonal-naive lags: yesterday, last week
+    level_window: int = 60  # minutes behind the level fallback when no season is known yet
+    # A fit whose forecast passes this multiple of the window's peak has diverged (an explosive
+    # AR root, a trend extrapolated from a burst): the fallback serves instead.
+    max_ratio: float = 4.0
+
+    def __post_init__(self) -> None:
+        if not 0.5 <= self.quantile < 1:
+            raise ValueError(f"quantile must be in [0.5, 1), got {self.quantile}")
+        if self.window < 2 * sum(self.order) + 2:
+            raise ValueError(f"window must be > 2 x the ARIMA order, got {self.window}")
+        if self.max_ratio <= 0:
+            raise ValueError(f"max_ratio must be > 0, got {self.max_ratio}")
+        if self.min_history < 1 or self.maxiter < 1 or self.level_window < 1:
+            raise ValueError("min_history, maxiter and level_window must be >= 1")
+        if any(s < 1 for s in self.seasons):
+            raise ValueError(f"seasons must be >= 1 minute, got {self.seasons}")
+
+
+@dataclass(frozen=True, slots=True)
+class SlotForecast:
+    """One planning slot: the mean of the point forecast and the peak of its upper quantile."""
+
+    point: float
+    upper: float
+
+
+@dataclass(frozen=True, slots=True)
+class Forecast:
+    """Per-minute forecast over the horizon, in the series' unit; `upper` >= `point` >= 0."""
+
+    method: Method
+    point: tuple[float, ...]
+    upper: tuple[float, ...]
+    quantile: float
+    fit_s: float  # wall time of the fit, fallbacks included
+
+    def slots(self, slot_minutes: int) -> tuple[SlotForecast, ...]:
+        """Aggregate into slots of `slot_minutes`; a partial last slot is kept.
+
+        Capacity must hold through the slot's busiest minute, so `upper` is the largest
+        per-minute quantile in the slot, while `point` is the slot's mean."""
+        if slot_minutes < 1:
+            raise ValueError(f"slot_minutes must be >= 1, got {slot_minutes}")
+        out = []
+        for i in range(0, len(self.point), slot_minutes):
+            p = self.point[i : i + slot_minutes]
+            u = self.upper[i : i + slot_minutes]
+            out.append(SlotForecast(point=sum(p) / len(p), upper=max(u)))
+        return tuple(out)
+
+
+def forecast(
+    history: Sequence[float], horizon: int, cfg: ForecastConfig = ForecastConfig()
+) -> Forecast:
+    """Forecast the `horizon` minutes that follow `history` (oldest first, one value a minute).
+
+    ARIMA when at least `cfg.min_history` minutes are known and the fit gives finite values
+    within `cfg.max_ratio` of the window's peak;
+    otherwise the same minute one season ago (yesterday, last week: the mean of those known),
+    otherwise the recent level. Each method gives an upper `cfg.quantile`."""
+    if horizon < 1:
+        raise ValueError(f"horizon must be >= 1, got {horizon}")
+    t0 = time.perf_counter()
+    y = np.asarray(history, dtype=float)
+    if y.ndim != 1 or not np.all(np.isfinite(y)):
+        raise ValueError("history must be a flat sequence of finite numbers")
+    result: tuple[Method, npt.NDArray[np.float64], npt.NDArray[np.float64]] | None = None
+    if len(y) >= cfg.min_history:
+        result = _arima(y[-cfg.window :], horizon, cfg)
+    if result is None:
+        result = _seasonal_naive(y, horizon, cfg)
+    if result is None:
+        result = _level(y, horizon, cfg)
+    method, point, upper = result
+    point = np.maximum(point, 0.0)
+    upper = np.maximum(upper, point)
+    return Forecast(
+        method=method,
+        point=tuple(float(v) for v in point),
+        upper=tuple(float(v) for v in upper),
+        quantile=cfg.quantile,
+        fit_s=time.perf_counter() - t0,
+    )
+
+
+def forecast_at(
+    series: Sequence[float], t: int, horizon: int, cfg: ForecastConfig = ForecastConfig()
+) -> Forecast:
+    """The forecast made at minute `t` of a recorded series: it is given `series[:t]` only."""
+    if not 0 <= t <= len(series):
+        raise ValueError(f"t must be in [0, {len(series)}], got {t}")
+    return forecast(series[:t], horizon, cfg)
+
+
+def _arima(
+    y: npt.NDArray[np.float64], horizon: int, cfg: ForecastConfig
+) -> tuple[Method, npt.NDArray[np.float64], npt.NDArray[np.float64]] | None:
+    # Scaled to a mean of about 1: token counts in the 1e5s make the optimiser's steps awkward.
+    scale = float(np.mean(np.abs(y))) or 1.0
+    try:
+        # The state-space matrices are tiny; BLAS threads only fight other processes for cores
+        # (a 0.1 s fit took seconds on a busy machine without this limit).
+        with threadpool_limits(limits=1, user_api="blas"), warnings.catch_warnings():
+            # Non-convergence and non-invertible starting values are expected on short windows:
+            # the result is checked below instead.
+            warnings.simplefilter("ignore")
+            res = ARIMA(y / scale, order=cfg.order).fit(method_kwargs={"maxiter": cfg.maxiter})
+            pred = res.get_forecast(horizon)
+            mean = np.asarray(pred.predicted_mean, dtype=float)
+            se = np.asarray(pred.se_mean, dtype=float)
+    except (ValueError, np.linalg.LinAlgError):
+        return None
+    if mean.shape != (horizon,) or not (np.all(np.isfinite(mean)) and np.all(np.isfinite(se))):
+        return None
+    if float(np.max(mean)) * scale > cfg.max_ratio * max(float(np.max(y)), 0.0):
+        return None
+    z = NormalDist().inv_cdf(cfg.quantile)
+    return "arima", mean * scale, (mean + z * se) * scale
+
+
+def _seasonal_naive(
+    y: npt.NDArray[np.float64], horizon: int, cfg: ForecastConfig
+) -> tuple[Method, npt.NDArray[np.float64], npt.NDArray[np.float64]] | None:
+    n = len(y)
+    steps = np.arange(1, horizon + 1)
+    lags = [s for s in cfg.seasons if s >= horizon and n >= s]
+    if not lags:
+        return None
+    # Minute n - 1 + h one season back sits at index n - 1 + h - s, inside the history.
+    point = np.mean([y[n - 1 + steps - s] for s in lags], axis=0)
+    # The spread is that of this very method's errors over the last day it can be checked on.
+    shortest = min(lags)
+    checked = np.arange(max(shortest, n - DAY_MIN), n)
+    if len(checked) >= 2:
+        errors = y[checked] - y[checked - shortest]
+        spread = float(np.quantile(errors, cfg.quantile))
+    else:
+        spread = 0.0
+    return "seasonal-naive", point, point + max(spread, 0.0)
+
+
+def _level(
+    y: npt.NDArray[np.float64], horizon: int, cfg: ForecastConfig
+) -> tuple[Method, npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    if len(y) == 0:
+        zeros = np.zeros(horizon)
+        return "none", zeros, zeros
+    recent = y[-cfg.level_window :]
+    mean = float(np.mean(recent))
+    upper = float(np.quantile(recent, cfg.quantile))
+    return "level", np.full(horizon, mean), np.full(horizon, max(upper, mean))
+
+
+def smape(actual: Sequence[float], predicted: Sequence[float]) -> float:
+    """Symmetric mean absolute percentage error as a fraction in [0, 2]; 0/0 terms count 0."""
+    a, p = _pair(actual, predicted)
+    denom = np.abs(a) + np.abs(p)
+    terms = np.divide(2 * np.abs(p - a), denom, out=np.zeros_like(a), where=denom > 0)
+    return float(np.mean(terms))
+
+
+def mape(actual: Sequence[float], predicted: Sequence[float]) -> float:
+    """Mean absolute percentage error as a fraction, over the minutes whose actual is not 0."""
+    a, p = _pair(actual, predicted)
+    keep = a != 0
+    if not np.any(keep):
+        return math.nan
+    return float(np.mean(np.abs(p[keep] - a[keep]) / np.abs(a[keep])))
+
+
+def _pair(
+    actual: Sequence[float], predicted: Sequence[float]
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    a = np.asarray(actual, dtype=float)
+    p = np.asarray(predicted, dtype=float)
+    if a.shape != p.shape or a.ndim != 1 or len(a) == 0:
+        raise ValueError(f"actual and predicted must be equal, non-empty: {a.shape} vs {p.shape}")
+    return a, p
