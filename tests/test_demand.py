@@ -149,3 +149,18 @@ async def test_admin_demand_sums_every_replica_through_redis(
         assert asyncio.get_running_loop().time() < deadline, view
         await asyncio.sleep(0.2)
     assert view["scope"] == "replicas"
+
+
+def test_demand_class_is_the_tenants_unless_its_application_says() -> None:
+    from gateway.config.schema import ConfigError, parse
+
+    raw = config_dict()
+    raw["tenants"]["acme"]["demand_class"] = "batch"
+    raw["tenants"]["globex"]["apps"]["chat"]["demand_class"] = "batch"
+    cfg = parse(raw)
+    assert cfg.tenants["acme"].apps["chat"].demand_class == "batch"
+    assert cfg.tenants["globex"].demand_class == "interactive"
+    assert cfg.tenants["globex"].apps["chat"].demand_class == "batch"
+    raw["tenants"]["acme"]["demand_class"] = "bulk"
+    with pytest.raises(ConfigError, match=r"tenants\.acme\.demand_class must be"):
+        parse(raw)

@@ -57,6 +57,10 @@ __all__ = [
 ]  # fmt: skip
 
 
+# `interactive` wants its answer now; `batch` tolerates delay (gateway.core.demand.CLASSES).
+DemandClass = Literal["interactive", "batch"]
+
+
 # --- Tables read as they are.
 
 
@@ -176,6 +180,8 @@ class _AppTable:
     tokens_per_minute: Rate = 0.0
     burst_tokens: Rate = 0.0  # defaults to one minute of tokens
     limits: LimitsConfig = LimitsConfig()
+    # The demand its requests count in (the planner's): default the tenant's.
+    demand_class: DemandClass | None = None
 
 
 @dataclass(frozen=True, slots=True, config=TABLE)
@@ -209,6 +215,7 @@ class _TenantTable:
     max_concurrent: Natural = 256  # requests under way at once (queued + in flight); 0 = no limit
     max_body_bytes_in_flight: Natural = 64 << 20  # bytes of their request bodies; 0 = no limit
     limits: LimitsConfig = LimitsConfig()  # hard limits of the whole tenant
+    demand_class: DemandClass = "interactive"  # or "batch": delay-tolerant (the planner's)
     apps: dict[str, _AppTable] = Field(default_factory=dict)
     keys: tuple[_TenantKey, ...] = ()
 
@@ -240,6 +247,7 @@ class TenantConfig:
     max_concurrent: int = 256  # requests under way at once (queued + in flight); 0 = no limit
     max_body_bytes_in_flight: int = 64 << 20  # bytes of their request bodies; 0 = no limit
     limits: LimitsConfig = LimitsConfig()  # hard limits, their bursts resolved
+    demand_class: str = "interactive"
 
 
 def _tenant_keys(tenants: dict[str, _TenantTable]) -> dict[str, list[Loc]]:
@@ -318,14 +326,17 @@ class Config:
         return sorted({e.model for e in self.engines})
 
 
-def _app(name: str, a: _AppTable) -> AppConfig:
+def _app(name: str, a: _AppTable, demand_class: str = "interactive") -> AppConfig:
     table = {f.name: getattr(a, f.name) for f in fields(a)}
     return AppConfig(name, **{**table, "burst_tokens": a.burst_tokens or a.tokens_per_minute,
-                              "limits": _limits(a.limits)})  # fmt: skip
+                              "limits": _limits(a.limits),
+                              "demand_class": a.demand_class or demand_class})  # fmt: skip
 
 
 def _tenant(name: str, t: _TenantTable) -> TenantConfig:
-    apps = {app: _app(app, a) for app, a in t.apps.items()} or {"default": AppConfig("default")}
+    apps = {app: _app(app, a, t.demand_class) for app, a in t.apps.items()} or {
+        "default": AppConfig("default", demand_class=t.demand_class)
+    }
     first = next(iter(apps))
     digests = {k.sha256: first if k.app is None else k.app for k in t.keys}
     return TenantConfig(name, t.weight, apps, digests, tokens_per_minute=t.tokens_per_minute,
@@ -333,7 +344,7 @@ def _tenant(name: str, t: _TenantTable) -> TenantConfig:
                         max_n=t.max_n, max_top_logprobs=t.max_top_logprobs,
                         cache_salt=t.cache_salt, max_concurrent=t.max_concurrent,
                         max_body_bytes_in_flight=t.max_body_bytes_in_flight,
-                        limits=_limits(t.limits))  # fmt: skip
+                        limits=_limits(t.limits), demand_class=t.demand_class)  # fmt: skip
 
 
 _DOCUMENT = TypeAdapter(_Document)
