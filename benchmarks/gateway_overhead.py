@@ -14,6 +14,7 @@ Prints the tables and writes docs/BENCHMARKS.md with the machine it ran on.
 
     make bench      # or: .venv/bin/python benchmarks/gateway_overhead.py [--quick]
     # with the others: --litellm /path/to/venv/bin/litellm --vllm-router /path/to/vllm-router
+    # where Fairway's CPU goes: --py-spy DIR (py-spy installed; one extra, unmeasured cell)
 """
 
 from __future__ import annotations
@@ -77,8 +78,10 @@ def process(
 
 
 def fairway_config(engines: list[str], path: Path) -> None:
-    """Fairway with one tenant, acme, holding the benchmark's key, and `engines` behind it."""
-    acme = {"apps.chat": {}, "keys": [{"sha256": KEY_DIGEST, "app": "chat"}]}
+    """Fairway with one tenant, acme, holding the benchmark's key, and `engines` behind it.
+    Its concurrency cap is off, as the other proxies have none: 512 streams are twice the
+    default `max_concurrent`."""
+    acme = {"apps.chat": {}, "keys": [{"sha256": KEY_DIGEST, "app": "chat"}], "max_concurrent": 0}
     tables = [
         toml_table("logging", {"level": "warning"}),
         toml_table("tenants.acme", acme),
@@ -174,6 +177,27 @@ def load(urls: list[str], concurrency: int, phase: Phase, seconds: float) -> dic
     return {k: float("nan") if v is None else v for k, v in result.items()}
 
 
+def profile(pid: int, urls: list[str], c: int, phase: Phase, seconds: float, out: Path) -> None:
+    """Sample the process `pid` with py-spy through one more cell (not counted: sampling takes
+    CPU from the machine the cell shares) into `out` (collapsed stacks); print its top frames."""
+    spy = shutil.which("py-spy") or str(Path(PY).with_name("py-spy"))
+    rec = subprocess.Popen([spy, "record", "--nonblocking", "-r", "200", "-f", "raw", "-o",
+                            str(out), "-p", str(pid), "-d", str(int(seconds) + 3)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)  # fmt: skip
+    load(urls, c, phase, seconds)
+    rec.wait()
+    own: dict[str, int] = {}
+    for line in out.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        frame = stack.rsplit(";", 1)[-1]
+        name = frame.rsplit(":", 1)[0] + ")" if frame.endswith(")") else frame
+        own[name] = own.get(name, 0) + int(n)
+    total = sum(own.values()) or 1
+    print(f"fairway {phase.name} c={c}: {out} ({total} samples); own time:")
+    for name, n in sorted(own.items(), key=lambda x: -x[1])[:20]:
+        print(f"  {100 * n / total:5.1f}% {name}")
+
+
 def cell_line(phase: str, r: dict[str, Any]) -> str:
     return (
         f"{phase:9} c={r['concurrency']:<4} {r['target']:12} rps={r['rps']:8.1f} "
@@ -233,6 +257,7 @@ def main() -> None:
     p.add_argument("--output", default=str(ROOT / "docs" / "BENCHMARKS.md"))
     p.add_argument("--quick", action="store_true", help="2 s cells, no file written")
     p.add_argument("--from-json", default=None, help="re-render the report of an earlier run")
+    p.add_argument("--py-spy", default=None, help="profile Fairway at the most clients into DIR")
     args = p.parse_args()
     if args.from_json:
         data = json.loads(Path(args.from_json).read_text())
@@ -284,6 +309,12 @@ def main() -> None:
                             cells.setdefault((c, name), []).append(r)
                             print(cell_line(phase.name, r), flush=True)
                 rows += [median_of(cells[(c, name)]) for c in clients for name in targets]
+                if args.py_spy and "fairway" in targets:
+                    urls, pid = targets["fairway"]
+                    out = Path(args.py_spy) / f"fairway-{phase.name}-{max(clients)}.txt"
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    assert pid is not None
+                    profile(pid, urls, max(clients), phase, seconds, out)
 
     data = {
         "measured_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),

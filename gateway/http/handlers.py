@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 
@@ -17,6 +18,7 @@ from prometheus_client import generate_latest
 from engines.protocol import json_response
 from gateway.core.errors import ApiError
 from gateway.core.request import Endpoint, RequestInfo
+from gateway.fleet.registry import EngineMode
 from gateway.http.holds import Hold, holds_of, read_body
 from gateway.http.request import (
     INTERACTION_HEADER,
@@ -91,7 +93,7 @@ async def _proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
             ) from None
         body = parse_body(raw, endpoint)
         model = body["model"]
-        if model not in gw.registry.models:
+        if not _served(gw, model):
             raise ApiError(
                 404,
                 f"The model '{model}' does not exist or is not served here.",
@@ -136,6 +138,11 @@ async def _proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
                               latency=time.perf_counter() - arrival)  # fmt: skip
 
 
+def _served(gw: Gateway, model: str) -> bool:
+    """`model in gw.registry.models`, without building that list for every request."""
+    return any(e.mode is EngineMode.ACTIVE for e in gw.registry.engines_of(model))
+
+
 def _account(gw: Gateway, rid: str, client_rid: str | None, tenant: str, app: str, model: str,
              out: Outcome, arrival: float) -> None:  # fmt: skip
     latency = time.perf_counter() - arrival
@@ -152,6 +159,8 @@ def _account(gw: Gateway, rid: str, client_rid: str | None, tenant: str, app: st
             completion = out.events  # engines that send no usage: about a token per event
         if completion:
             m.completion_tokens.inc(completion)
+    if not log.is_enabled_for(logging.INFO):
+        return  # the line's fields cost more than the filtered call itself
     log.info(
         "request",
         request_id=rid,

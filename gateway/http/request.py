@@ -6,6 +6,7 @@ else is the engine's to judge, and its 4xx answer is relayed as it is.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from typing import Any
@@ -249,6 +250,7 @@ def completions_asked(body: dict[str, Any]) -> int:
     return max(body.get("n") or 1, body.get("best_of") or 1)
 
 
+@functools.lru_cache(maxsize=4096)  # a hash per request otherwise, mostly of the same pairs
 def cache_salt(tenant: str, client: str | None = None) -> str:
     """The prefix-cache salt of a tenant's requests, stable across gateways: no request of
     another tenant can share its cached prefixes, whatever salt that one sends. A client's own

@@ -52,6 +52,11 @@ TARGET = "output_tokens"
 _BRIEF = re.compile(r"\b(brief|briefly|short|concise|one word|one sentence|yes or no|tl;?dr)\b")
 _DETAIL = re.compile(r"\b(detail|detailed|step by step|essay|thorough|comprehensive|explain)\b")
 _NUMBER = re.compile(r"\b\d{1,6}\b")
+# Substrings that every match of the pattern contains: most texts hold none, and `in` is far
+# cheaper than a regex scan that tries every word.
+_BRIEF_HINTS = ("brief", "short", "concise", "one ", "yes or no", "dr")
+_DETAIL_HINTS = ("detail", "step by step", "essay", "thorough", "comprehensive", "explain")
+_DIGIT = re.compile(r"\d")
 _FORMATS = {"text": 0, "json_object": 1, "json_schema": 2}
 
 
@@ -65,16 +70,23 @@ def _text(content: Any) -> str:
     return ""
 
 
+def _matches(pattern: re.Pattern[str], hints: tuple[str, ...], text: str) -> int:
+    for hint in hints:
+        if hint in text:
+            return int(pattern.search(text) is not None)
+    return 0
+
+
 def _last_user(text: str) -> Record:
     low = text[-4000:].lower()  # the ask is usually at the end; bound the scan
-    numbers = [int(m) for m in _NUMBER.findall(low)]
+    numbers = [int(m) for m in _NUMBER.findall(low)] if _DIGIT.search(low) else []
     return {
         "last_user_questions": low.count("?"),
         "last_user_lines": low.count("\n") + 1 if low else 0,
         "last_user_number": max(numbers) if numbers else None,
         "last_user_code": int("```" in low),
-        "asks_brief": int(_BRIEF.search(low) is not None),
-        "asks_detail": int(_DETAIL.search(low) is not None),
+        "asks_brief": _matches(_BRIEF, _BRIEF_HINTS, low),
+        "asks_detail": _matches(_DETAIL, _DETAIL_HINTS, low),
     }
 
 

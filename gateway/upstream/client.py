@@ -193,6 +193,11 @@ class Exchange(asyncio.Protocol):
 
     # the exchange as the proxy uses it ---------------------------------------------------
 
+    @property
+    def complete(self) -> bool:
+        """The response's end has been parsed (in a sink: this read is the last)."""
+        return self._complete
+
     async def read(self) -> bytes:
         await self.done
         return b"".join(self.body)
@@ -236,9 +241,11 @@ class Exchange(asyncio.Protocol):
 
 
 class UpstreamPool:
-    """Keep-alive connections to every engine, opened on demand and reused."""
+    """Keep-alive connections to every engine, opened on demand and reused. Up to `max_idle`
+    idle ones are kept per engine: more than an engine's usual concurrency, so that load
+    swinging around it reuses connections instead of closing and reopening them."""
 
-    def __init__(self, connect_timeout: float, read_timeout: float, max_idle: int = 256) -> None:
+    def __init__(self, connect_timeout: float, read_timeout: float, max_idle: int = 1024) -> None:
         self.loop = asyncio.get_running_loop()
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
@@ -246,6 +253,7 @@ class UpstreamPool:
         self._idle: dict[tuple[str, int, bool], deque[Exchange]] = {}
         self._busy: set[Exchange] = set()
         self._ssl: ssl.SSLContext | None = None
+        self._targets: dict[str, tuple[tuple[str, int, bool], str, str]] = {}
         self._watchdog = self.loop.create_task(self._watch())
 
     async def request(
@@ -253,9 +261,8 @@ class UpstreamPool:
     ) -> Exchange:
         """Send a POST and wait for the response head. Raises ConnectFailed, ReadTimeout or
         UpstreamError; ConnectFailed means the engine saw nothing and another may be tried."""
-        url = urlsplit(base_url)
-        key = _key(url)
-        head = [f"POST {url.path.rstrip('/')}{path} HTTP/1.1", f"Host: {url.netloc}",
+        key, prefix, host = self._target(base_url)
+        head = [f"POST {prefix}{path} HTTP/1.1", f"Host: {host}",
                 f"Content-Length: {len(body)}"]  # fmt: skip
         head += [f"{k}: {v}" for k, v in headers.items()]
         payload = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
@@ -280,9 +287,18 @@ class UpstreamPool:
                 ex.abort()
                 raise
 
+    def _target(self, base_url: str) -> tuple[tuple[str, int, bool], str, str]:
+        """`base_url`'s pool key, path prefix and Host header, parsed once."""
+        found = self._targets.get(base_url)
+        if found is None:
+            url = urlsplit(base_url)
+            found = self._targets[base_url] = (_key(url), url.path.rstrip("/"), url.netloc)
+        return found
+
     def forget(self, base_url: str) -> None:
         """Close the idle connections to `base_url` (its engine left the fleet)."""
-        for ex in self._idle.pop(_key(urlsplit(base_url)), deque()):
+        key = self._targets.pop(base_url, None)
+        for ex in self._idle.pop(key[0] if key else _key(urlsplit(base_url)), deque()):
             ex.abort()
 
     def done_with(self, ex: Exchange) -> None:

@@ -52,6 +52,12 @@ class Outcome:
     on_events: Callable[[int], None] | None = None  # SSE events as they stream
 
 
+class _SseResponse(web.StreamResponse):
+    # Keep the head buffered until the first body write, as aiohttp's own `Response` does:
+    # the relay sends it with the first events (or the whole answer) in one write.
+    _send_headers_immediately = False
+
+
 class _TryNext(Exception):
     """This engine failed before sending anything; another one may serve the request."""
 
@@ -250,7 +256,7 @@ class Proxy:
         ex: Exchange,
         out: Outcome,
     ) -> web.StreamResponse:
-        resp = web.StreamResponse(
+        resp = _SseResponse(
             headers={
                 **sse_headers(),
                 **out.headers,
@@ -272,14 +278,24 @@ class Proxy:
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
                                     self.server.send_buffer_bytes)  # fmt: skip
-        # Headers go out now; body chunks are then written straight to the socket.
-        if isinstance(writer, StreamWriter):
-            writer.send_headers()
         # aiohttp frames an HTTP/1.0 response by closing the connection, never by chunks.
         relay = SseRelay(transport, info, ex, out.usage, chunked=request.version >= (1, 1))
         relay.on_events = out.on_events
+        # What the engine sent with its head goes out with ours, in one write; a whole answer
+        # already in (short answers from a fast engine) goes out with the end, in one write.
+        relay.hold()
         ex.stream(relay.feed)
         try:
+            if not ex.done.done():
+                # Headers go out now; body chunks are then written straight to the socket.
+                first = relay.release()
+                if isinstance(writer, StreamWriter):
+                    if first:
+                        await writer.write(first, drain=False)
+                    else:
+                        writer.send_headers()
+                elif first:
+                    await resp.write(first)
             while True:
                 await relay.wait()
                 if relay.paused and not relay.client_gone:
@@ -302,10 +318,13 @@ class Proxy:
             raise
         finally:
             out.ttft, out.events = relay.ttft, relay.events
+        if transport.is_closing():
+            relay.client_gone = True  # before the held events could go out
         if relay.client_gone:
             out.status = CLIENT_CLOSED
             return resp
         exc = ex.done.exception()
+        relay.hold()  # the rest goes out with the final chunk
         if exc is None:
             relay.flush()
             out.status = 200
@@ -320,7 +339,7 @@ class Proxy:
                                  reason=message)  # fmt: skip
             relay.write(sse_event(error_body(502, message, code="upstream_error")) + SSE_DONE)
         with contextlib.suppress(ConnectionResetError):
-            await resp.write_eof()
+            await resp.write_eof(relay.release())
         return resp
 
     def _stalled(self, info: RequestInfo, engine: EngineState, relay: SseRelay, ex: Exchange,

@@ -3,7 +3,9 @@
 `SseRelay.feed` runs inside the upstream connection's `data_received`: it cuts the bytes at
 the last complete event, records usage, hides the usage chunk from a client that did not ask
 for it, and writes the rest to the client's socket as one HTTP chunk. No buffering beyond an
-incomplete event, no task switch per token.
+incomplete event, no task switch per token. Only what the engine sent with its response head,
+and its last read, are held back (`hold`), to go out in one write with the client's response
+head and with the final chunk.
 """
 
 from __future__ import annotations
@@ -58,8 +60,24 @@ def filter_event(event: bytes, client_usage: bool, usage: Usage) -> bytes | None
 
 
 def filter_events(block: bytes, client_usage: bool, usage: Usage) -> bytes:
-    kept = (filter_event(e + b"\n\n", client_usage, usage) for e in block.split(b"\n\n") if e)
-    return b"".join(e for e in kept if e is not None)
+    """`filter_event` on each event of `block` that names usage; the others are copied as they
+    are, unparsed (usage is in the last chunk only, or with continuous usage stats in each)."""
+    out: list[bytes] = []
+    copied = 0  # block[:copied] is in `out` already
+    at = block.find(b'"usage"')
+    while at >= 0:
+        begin = block.rfind(b"\n\n", copied, at) + 2
+        begin = copied if begin == 1 else begin
+        end = block.find(b"\n\n", at)
+        end = len(block) if end < 0 else end + 2
+        out.append(block[copied:begin])
+        kept = filter_event(block[begin:end], client_usage, usage)
+        if kept is not None:
+            out.append(kept)
+        copied = end
+        at = block.find(b'"usage"', copied)
+    out.append(block[copied:])
+    return b"".join(out)
 
 
 class SseRelay:
@@ -81,6 +99,7 @@ class SseRelay:
         self.exchange = exchange
         self.usage = usage
         self.pending = b""
+        self.held: list[bytes] | None = None  # output kept for the next write of the response
         self.events = 0
         self.ttft: float | None = None
         self.client_gone = False
@@ -109,10 +128,25 @@ class SseRelay:
         self.events += n
         if self.on_events is not None:
             self.on_events(n)
+        if self.exchange.complete:
+            self.hold()  # the engine's last read: it goes out with the final chunk
         self.write(data)
+
+    def hold(self) -> None:
+        """Keep what is written from now on, for `release`."""
+        if self.held is None:
+            self.held = []
+
+    def release(self) -> bytes:
+        """What was held, unframed; writes go to the client's socket again."""
+        held, self.held = self.held, None
+        return b"".join(held) if held else b""
 
     def write(self, data: bytes) -> None:
         """Write `data` to the client: one HTTP/1.1 chunk, or as it is for HTTP/1.0."""
+        if self.held is not None:
+            self.held.append(data)
+            return
         t = self.transport
         if t.is_closing():
             self.client_gone = True
