@@ -36,6 +36,7 @@ class FakeEngine:
     def __init__(self) -> None:
         self.chat_status = 200
         self.health_status = 200
+        self.health_delay_s = 0.0
         self.metrics_body = b"vllm:num_requests_running 0\nvllm:num_requests_waiting 0\n"
         self.chats = 0
         self.metrics_scrapes = 0
@@ -50,6 +51,7 @@ class FakeEngine:
         return web.json_response(COMPLETION)
 
     async def _health(self, request: web.Request) -> web.Response:
+        await asyncio.sleep(self.health_delay_s)
         return web.Response(status=self.health_status)
 
     async def _metrics(self, request: web.Request) -> web.Response:
@@ -195,6 +197,27 @@ async def test_probes_readmit_half_open_where_one_5xx_ejects_and_successes_close
     assert await chat(client) == 503
     assert state.healthy  # closed again: one 5xx is counted, not an ejection
     assert len(ejections.of("e0")) == 2
+
+
+async def test_a_busy_engine_whose_probe_times_out_stays_while_it_finishes_requests(
+    start_gateway: Any, fakes: Any
+) -> None:
+    # Under load an engine's /health can wait behind its work: as long as it finishes
+    # requests it is slow, not dead. Once it finishes nothing, time-outs eject it.
+    [(fake, url)] = await fakes(1)
+    server, gw = await start(start_gateway, [url], health_interval_s=0.05,
+                             health_timeout_s=0.05, unhealthy_after=2)  # fmt: skip
+    client, state = client_of(server), gw.registry.engines["e0"]
+    fake.health_delay_s = 0.5
+    loop = asyncio.get_running_loop()
+    until = loop.time() + 1.0  # about ten probe rounds, every one timed out
+    while loop.time() < until:
+        assert await chat(client) == 200
+        assert state.healthy
+        await asyncio.sleep(0.02)
+    await wait_for(lambda: not state.healthy)  # idle now: nothing vouches for it
+    fake.health_delay_s = 0.0
+    await wait_for(lambda: state.healthy)
 
 
 def _bad_header(state: EngineState, fake: FakeEngine, monkeypatch: pytest.MonkeyPatch) -> None:

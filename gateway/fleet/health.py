@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import time
 from collections.abc import Callable
 
 import aiohttp
@@ -57,14 +58,24 @@ async def probe(
     probe_timeout: float,
     on_change: EventHook,
     in_flight: InFlight | None = None,
+    alive_within: float = 0.0,
 ) -> None:
     """One probe: `GET /health`, then the load gauges from `GET /metrics`, with the
     gateway's own in-flight count there (`in_flight`) when the engine answered: that many of
     the scraped running + waiting requests are the gateway's. Whatever goes wrong in it
-    counts as a failed probe."""
+    counts as a failed probe, except a time-out at an engine that answered a request in full
+    within the last `alive_within` seconds."""
     try:
         ok = await _check(engine, session, probe_timeout, in_flight)
-    except (aiohttp.ClientError, TimeoutError, UnicodeDecodeError):
+    except TimeoutError:
+        # Slow, not dead, when it finished a request since the last round: under load an
+        # engine's /health waits behind its work, and ejecting every busy engine at once
+        # would turn overload into an outage. A hung engine finishes nothing and is ejected.
+        if engine.healthy and time.monotonic() - engine.completed_at < alive_within:
+            log.info("engine_probe_slow", engine=engine.id, timeout_s=probe_timeout)
+            return
+        ok = False
+    except (aiohttp.ClientError, UnicodeDecodeError):
         ok = False
     except Exception as exc:  # a bad header, a parser bug: a failed probe, never more
         log.warning("engine_probe_error", engine=engine.id, error=repr(exc))
@@ -115,10 +126,11 @@ async def health_loop(
     """Probe every engine about every `interval` seconds (jittered) until cancelled;
     `in_flight` gives the gateway's own requests open at an engine, recorded with its gauges.
     A probe that fails in any way fails alone: the loop goes on."""
+    alive_within = interval * 1.2 + probe_timeout  # since the round before this one
     while True:
         results = await asyncio.gather(
             *(
-                probe(registry, e, session, probe_timeout, on_change, in_flight)
+                probe(registry, e, session, probe_timeout, on_change, in_flight, alive_within)
                 for e in list(registry.engines.values())
             ),
             return_exceptions=True,

@@ -7,6 +7,7 @@ join, drain and leave while the gateway serves: `add` and `remove` keep every in
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -39,6 +40,9 @@ class EngineState:
     waiting: int = 0
     kv_usage: float = 0.0
     in_flight_at_scrape: int = 0  # the gateway's own requests there when the gauges were read
+    # time.monotonic() when a response from it last arrived whole: an engine that finishes
+    # requests is alive, whatever a probe that timed out behind its load says.
+    completed_at: float = -math.inf
 
     @property
     def routable(self) -> bool:

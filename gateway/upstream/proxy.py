@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -198,6 +199,13 @@ class Proxy:
                 return await self._relay_stream(request, info, engine, ex, out)
             return await self._relay_whole(info, engine, ex, out)
         finally:
+            if (
+                ex.status < 500
+                and ex.done.done()
+                and not ex.done.cancelled()
+                and ex.done.exception() is None
+            ):
+                engine.completed_at = time.monotonic()
             live.discard(ex)
             self._ended.pop(ex, None)
             self.pool.done_with(ex)
