@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -218,6 +221,43 @@ async def test_a_busy_engine_whose_probe_times_out_stays_while_it_finishes_reque
     await wait_for(lambda: not state.healthy)  # idle now: nothing vouches for it
     fake.health_delay_s = 0.0
     await wait_for(lambda: state.healthy)
+
+
+async def test_a_connect_time_out_ejects_only_an_engine_that_finishes_nothing(
+    start_gateway: Any, fakes: Any
+) -> None:
+    # A listening socket that never accepts: once its queue is full, connections time out.
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(0)
+    queued = []
+    for _ in range(3):
+        c = socket.socket()
+        c.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            c.connect(hole.getsockname())
+        queued.append(c)
+    try:
+        [(_, url)] = await fakes(1)
+        hole_url = f"http://127.0.0.1:{hole.getsockname()[1]}"
+        cfg = config_dict({"us-east": {MODEL: [{"kind": "vllm", "url": hole_url, "id": "e0"},
+                                              {"kind": "vllm", "url": url, "id": "e1"}]}},
+                          connect_timeout_s=0.2, health_interval_s=60)  # fmt: skip
+        cfg["routing"] = {"policy": "round-robin"}
+        server, gw = await start_gateway(cfg)
+        client, state = client_of(server), gw.registry.engines["e0"]
+        # Busy but alive (it finished a request a moment ago): tried, passed over, kept.
+        state.completed_at = time.monotonic()
+        assert [await chat(client) for _ in range(4)] == [200] * 4
+        assert state.healthy
+        # It has finished nothing for longer than a connect time-out and a probe interval.
+        state.completed_at -= 120
+        assert [await chat(client) for _ in range(2)] == [200] * 2
+        assert not state.healthy
+    finally:
+        for c in queued:
+            c.close()
+        hole.close()
 
 
 def _bad_header(state: EngineState, fake: FakeEngine, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -31,7 +31,12 @@ class UpstreamError(Exception):
 
 
 class ConnectFailed(UpstreamError):
-    """No connection could be made, or it failed before the engine sent a byte."""
+    """No connection could be made, or it failed before the engine sent a byte. `timed_out`:
+    the connection was not refused, it was not made within the connect timeout."""
+
+    def __init__(self, message: str, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
 
 
 class ReadTimeout(UpstreamError):
@@ -327,7 +332,9 @@ class UpstreamPool:
                     lambda: Exchange(self, key), host, port, ssl=ctx
                 )
         except (OSError, TimeoutError, ssl.SSLError) as exc:
-            raise ConnectFailed(f"cannot connect to {host}:{port}: {exc!r}") from exc
+            raise ConnectFailed(
+                f"cannot connect to {host}:{port}: {exc!r}", timed_out=isinstance(exc, TimeoutError)
+            ) from exc
         return ex
 
     def _park(self, ex: Exchange) -> None:

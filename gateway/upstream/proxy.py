@@ -221,8 +221,15 @@ class Proxy:
                       else f"{engine.http_5xx} consecutive 5xx answers")  # fmt: skip
             self.log.warning("engine_ejected", engine=engine.id, reason=reason)
 
-    def _connect_failed(self, info: RequestInfo, engine: EngineState, exc: BaseException) -> None:
+    def _connect_failed(self, info: RequestInfo, engine: EngineState, exc: ConnectFailed) -> None:
         self._count_error(info, engine, "connect")
+        # A connection not made in time to an engine that finished a request a moment ago is
+        # the load (its accept queue, or this loop), not a dead engine: the request tries the
+        # next engine, and the engine stays. Refused connections eject at once.
+        alive_within = self.server.connect_timeout_s + self.server.health_interval_s
+        if exc.timed_out and time.monotonic() - engine.completed_at < alive_within:
+            self.log.info("engine_connect_slow", engine=engine.id, reason=str(exc))
+            return
         if self.registry.connect_failed(engine):
             self.metrics.engine_healthy.labels(engine.model, engine.id, engine.region).set(0)
             self.log.warning("engine_ejected", engine=engine.id, reason=str(exc))
