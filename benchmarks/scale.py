@@ -14,6 +14,9 @@ Writes its section of docs/BENCHMARKS.md with the machine it ran on.
 
     .venv/bin/python benchmarks/scale.py                       # 5,000 streams, 30-minute soak
     .venv/bin/python benchmarks/scale.py --soak-minutes 2 --streams 1000    # a quick look
+    .venv/bin/python benchmarks/scale.py --hold-only    # the hold again; the soak from the JSON
+
+Raw results go to docs/scale.json, each part with the time it was measured.
 """
 
 from __future__ import annotations
@@ -34,6 +37,11 @@ from _common import engine_table, free_port, machine, splice_section, toml_table
 from gateway_overhead import KEY, KEY_DIGEST, MODEL, PY, ROOT, cpu_seconds, process
 
 DOC = ROOT / "docs" / "BENCHMARKS.md"
+RAW = ROOT / "docs" / "scale.json"
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def rss_mib(pid: int) -> float:
@@ -97,7 +105,12 @@ def main() -> None:
     p.add_argument("--time-scale", type=float, default=10.0, help="slows the engines down")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--no-write", action="store_true", help="print only")
+    p.add_argument("--hold-only", action="store_true",
+                   help="measure the hold only; keep the soak of docs/scale.json")  # fmt: skip
     args = p.parse_args()
+    soak: dict[str, Any] | None = None
+    if args.hold_only:
+        soak = json.loads(RAW.read_text())["soak"]
 
     slots = -(-args.streams // args.engines) + 64
     with tempfile.TemporaryDirectory() as tmp:
@@ -140,38 +153,49 @@ def main() -> None:
                     "added_ttft_p50_ms": through["ttft_p50_ms"] - direct["ttft_p50_ms"],
                     "added_ttft_p99_ms": through["ttft_p99_ms"] - direct["ttft_p99_ms"],
                 }  # fmt: skip
+                hold["measured_at"] = now()
                 print(json.dumps(hold, indent=1), file=sys.stderr)
-
-                soak_s = args.soak_minutes * 60
-                sampler = Sampler(gw.pid, 30.0)
-                sampler.start()
-                print(f"soak: {args.soak_streams} streams for {args.soak_minutes:g} min",
-                      file=sys.stderr)  # fmt: skip
-                soaked = load([gw_url], args.soak_streams, soak_s, args.max_tokens, 10.0)
-                sampler.stop.set()
-                warm_s = args.soak_warmup_minutes * 60
-                after = [(t, r) for t, r in sampler.samples if t >= warm_s]
-                start_rss = after[0][1] if after else float("nan")
-                end_rss = after[-1][1] if after else float("nan")
-                soak = {
-                    "streams": args.soak_streams, "minutes": args.soak_minutes,
-                    "warmup_minutes": args.soak_warmup_minutes, "rss_after_warmup_mib": start_rss,
-                    "rss_end_mib": end_rss, "rss_max_mib": max(r for _, r in after) if after else
-                    float("nan"), "growth_pct": (end_rss / start_rss - 1) * 100,
-                    "samples": sampler.samples, "load": soaked,
-                }  # fmt: skip
-                print(json.dumps({k: v for k, v in soak.items() if k != "samples"}, indent=1),
-                      file=sys.stderr)  # fmt: skip
+                if soak is None:
+                    soak = soak_phase(args, gw.pid, gw_url)
     section = render(args, hold, soak)
     print(section)
     if not args.no_write:
+        RAW.write_text(json.dumps({"hold": hold, "soak": soak}, indent=1) + "\n")
         DOC.write_text(splice_section(DOC.read_text() if DOC.exists() else "", "scale", section))
         print(f"wrote {DOC}", file=sys.stderr)
 
 
+def soak_phase(args: argparse.Namespace, pid: int, gw_url: str) -> dict[str, Any]:
+    """The soak: a steady load for many minutes with RSS sampled every 30 s."""
+    soak_s = args.soak_minutes * 60
+    sampler = Sampler(pid, 30.0)
+    sampler.start()
+    print(f"soak: {args.soak_streams} streams for {args.soak_minutes:g} min",
+          file=sys.stderr)  # fmt: skip
+    soaked = load([gw_url], args.soak_streams, soak_s, args.max_tokens, 10.0)
+    sampler.stop.set()
+    warm_s = args.soak_warmup_minutes * 60
+    after = [(t, r) for t, r in sampler.samples if t >= warm_s]
+    start_rss = after[0][1] if after else float("nan")
+    end_rss = after[-1][1] if after else float("nan")
+    soak = {
+        "streams": args.soak_streams, "minutes": args.soak_minutes,
+        "warmup_minutes": args.soak_warmup_minutes, "rss_after_warmup_mib": start_rss,
+        "rss_end_mib": end_rss, "rss_max_mib": max(r for _, r in after) if after else
+        float("nan"), "growth_pct": (end_rss / start_rss - 1) * 100,
+        "samples": sampler.samples, "load": soaked,
+    }  # fmt: skip
+    print(json.dumps({k: v for k, v in soak.items() if k != "samples"}, indent=1),
+          file=sys.stderr)  # fmt: skip
+    soak["measured_at"] = now()
+    return soak
+
+
 def render(args: argparse.Namespace, hold: dict[str, Any], soak: dict[str, Any]) -> str:
     d, f = hold["direct"], hold["fairway"]
-    when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    when = hold["measured_at"]
+    if soak.get("measured_at", when) != when:
+        when = f"hold {when}, soak {soak['measured_at']}"
     samples = ", ".join(
         f"{r:.0f}" for _, r in soak["samples"][:: max(1, len(soak["samples"]) // 12)]
     )
