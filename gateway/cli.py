@@ -159,6 +159,18 @@ def _engine(args: argparse.Namespace) -> int:
     os.execvpe(launch.argv[0], list(launch.argv), {**os.environ, **launch.env})
 
 
+def _plan_arguments(p: argparse.ArgumentParser) -> None:
+    from gateway.plan import add_arguments
+
+    add_arguments(p)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from gateway.plan import run
+
+    return run(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fairway", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -202,6 +214,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quantile", type=float, default=0.9, help="the upper quantile")
     p.add_argument("--rounds", type=int, default=300, help="boosting rounds per model")
     p.set_defaults(func=_train_router)
+
+    p = sub.add_parser("plan", help="one plan from a live gateway's demand or a demand file")
+    _plan_arguments(p)
+    p.set_defaults(func=_plan)
 
     p = sub.add_parser("engine", help="start an engine of a config file")
     kinds = p.add_subparsers(dest="kind", required=True)

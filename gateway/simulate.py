@@ -177,8 +177,15 @@ class GateFrontend:
 
     def ready(self, now: float) -> Iterable[tuple[Job, str]]:
         self._now = now
-        # Rate-limit windows open with time alone; the gateway arms a timer for them.
+        # Rate-limit windows open, and batch deadlines come near or pass, with time alone; the
+        # gateway arms a timer for them.
         for model in self.core.models:
+            for slot in self.core.expire(model, now):
+                job = slot.payload
+                del self.slots[job.id]
+                job.rejected = "batch_deadline_exceeded"  # never started
+                if self.oit:
+                    self.store.admit_at(slot.keys, -slot.cost, 0.0, False, now)
             when = self.core.wake_at(model, now)
             if when is not None and when <= now:
                 self._start(self.core.poll(model, now))

@@ -29,6 +29,7 @@ from pydantic import (
 )
 from pydantic.dataclasses import dataclass
 
+from gateway.config.batch import DAY_S, BatchConfig
 from gateway.config.engines import EngineConfig, Engines, check_engines, engine_configs
 from gateway.config.fairness import FairnessConfig, StateConfig
 from gateway.config.fields import (
@@ -47,13 +48,14 @@ from gateway.config.fields import (
     one_of,
     report,
 )
+from gateway.config.planner import PlannerConfig
 from gateway.routing.policies import POLICY_NAMES as ROUTING_POLICIES
 from gateway.routing.policies import PREDICTED_LATENCY
 
 __all__ = [
-    "AdminConfig", "AppConfig", "Config", "ConfigError", "EngineConfig", "EngineDiff",
-    "FairnessConfig", "LimitsConfig", "LoggingConfig", "RoutingConfig", "ServerConfig", "SimConfig",
-    "StateConfig", "TenantConfig", "diff_engines", "load", "parse",
+    "AdminConfig", "AppConfig", "BatchConfig", "Config", "ConfigError", "EngineConfig",
+    "EngineDiff", "FairnessConfig", "LimitsConfig", "LoggingConfig", "RoutingConfig",
+    "ServerConfig", "SimConfig", "StateConfig", "TenantConfig", "diff_engines", "load", "parse",
 ]  # fmt: skip
 
 
@@ -182,6 +184,12 @@ class _AppTable:
     limits: LimitsConfig = LimitsConfig()
     # The demand its requests count in (the planner's): default the tenant's.
     demand_class: DemandClass | None = None
+    # Batch requests: their deadline without X-Fairway-Deadline, the longest that header may
+    # ask for, and whether a batch application may send X-Fairway-Class: interactive. Default
+    # the tenant's.
+    batch_deadline_s: Positive | None = None
+    batch_max_deadline_s: Positive | None = None
+    allow_interactive: StrictBool | None = None
 
 
 @dataclass(frozen=True, slots=True, config=TABLE)
@@ -216,8 +224,28 @@ class _TenantTable:
     max_body_bytes_in_flight: Natural = 64 << 20  # bytes of their request bodies; 0 = no limit
     limits: LimitsConfig = LimitsConfig()  # hard limits of the whole tenant
     demand_class: DemandClass = "interactive"  # or "batch": delay-tolerant (the planner's)
+    # A batch request's deadline without X-Fairway-Deadline (default 24 h, at most the cap),
+    # and the cap: the longest X-Fairway-Deadline may ask for (default 24 h).
+    batch_deadline_s: Positive | None = None
+    batch_max_deadline_s: Positive | None = None
+    allow_interactive: StrictBool = False  # a batch application may claim interactive
     apps: dict[str, _AppTable] = Field(default_factory=dict)
     keys: tuple[_TenantKey, ...] = ()
+
+    @model_validator(mode="after")
+    def _deadlines_within_their_caps(self) -> Self:
+        # A deadline set beside a shorter cap is a mistake; one inherited is cut to the cap.
+        cap = self.batch_max_deadline_s or DAY_S
+        tables: list[tuple[Loc, float | None, float]] = [
+            ((), self.batch_deadline_s, cap),
+            *((("apps", name), a.batch_deadline_s, a.batch_max_deadline_s or cap)
+              for name, a in self.apps.items()),
+        ]  # fmt: skip
+        report([
+            ((*loc, "batch_deadline_s"), deadline, f"must be <= batch_max_deadline_s ({most:g})")
+            for loc, deadline, most in tables if deadline is not None and deadline > most
+        ])  # fmt: skip
+        return self
 
     @model_validator(mode="after")
     def _keys_name_its_apps(self) -> Self:
@@ -248,6 +276,9 @@ class TenantConfig:
     max_body_bytes_in_flight: int = 64 << 20  # bytes of their request bodies; 0 = no limit
     limits: LimitsConfig = LimitsConfig()  # hard limits, their bursts resolved
     demand_class: str = "interactive"
+    batch_deadline_s: float = DAY_S
+    batch_max_deadline_s: float = DAY_S
+    allow_interactive: bool = False
 
 
 def _tenant_keys(tenants: dict[str, _TenantTable]) -> dict[str, list[Loc]]:
@@ -282,8 +313,10 @@ class _Document:
     routing: RoutingConfig = RoutingConfig()
     sim: SimConfig = SimConfig()
     fairness: FairnessConfig = FairnessConfig()
+    batch: BatchConfig = BatchConfig()
     admin: AdminConfig = AdminConfig()
     state: StateConfig = StateConfig()
+    planner: PlannerConfig = PlannerConfig()
     tenants: Annotated[dict[Name, _TenantTable], AfterValidator(_check_tenants)] = Field(
         default_factory=dict, validate_default=True
     )
@@ -316,6 +349,8 @@ class Config:
     admin: AdminConfig = AdminConfig()
     state: StateConfig = StateConfig()
     routing: RoutingConfig = RoutingConfig()
+    batch: BatchConfig = BatchConfig()
+    planner: PlannerConfig = PlannerConfig()  # off unless [planner] enabled = true
 
     @property
     def log_level(self) -> str:
@@ -326,25 +361,35 @@ class Config:
         return sorted({e.model for e in self.engines})
 
 
-def _app(name: str, a: _AppTable, demand_class: str = "interactive") -> AppConfig:
+def _app(name: str, a: _AppTable, t: _TenantTable) -> AppConfig:
+    """An application's table with what it leaves unset taken from its tenant's."""
     table = {f.name: getattr(a, f.name) for f in fields(a)}
+    cap = a.batch_max_deadline_s or t.batch_max_deadline_s or DAY_S
+    deadline = min(a.batch_deadline_s or t.batch_deadline_s or DAY_S, cap)
     return AppConfig(name, **{**table, "burst_tokens": a.burst_tokens or a.tokens_per_minute,
                               "limits": _limits(a.limits),
-                              "demand_class": a.demand_class or demand_class})  # fmt: skip
+                              "demand_class": a.demand_class or t.demand_class,
+                              "batch_deadline_s": deadline, "batch_max_deadline_s": cap,
+                              "allow_interactive": t.allow_interactive
+                              if a.allow_interactive is None else a.allow_interactive})  # fmt: skip
 
 
 def _tenant(name: str, t: _TenantTable) -> TenantConfig:
-    apps = {app: _app(app, a, t.demand_class) for app, a in t.apps.items()} or {
-        "default": AppConfig("default", demand_class=t.demand_class)
+    apps = {app: _app(app, a, t) for app, a in t.apps.items()} or {
+        "default": _app("default", _AppTable(), t)
     }
     first = next(iter(apps))
     digests = {k.sha256: first if k.app is None else k.app for k in t.keys}
+    cap = t.batch_max_deadline_s or DAY_S
     return TenantConfig(name, t.weight, apps, digests, tokens_per_minute=t.tokens_per_minute,
                         burst_tokens=t.burst_tokens or t.tokens_per_minute, rpm=t.rpm,
                         max_n=t.max_n, max_top_logprobs=t.max_top_logprobs,
                         cache_salt=t.cache_salt, max_concurrent=t.max_concurrent,
                         max_body_bytes_in_flight=t.max_body_bytes_in_flight,
-                        limits=_limits(t.limits), demand_class=t.demand_class)  # fmt: skip
+                        limits=_limits(t.limits), demand_class=t.demand_class,
+                        batch_deadline_s=min(t.batch_deadline_s or DAY_S, cap),
+                        batch_max_deadline_s=cap,
+                        allow_interactive=t.allow_interactive)  # fmt: skip
 
 
 _DOCUMENT = TypeAdapter(_Document)
@@ -365,7 +410,8 @@ def parse(data: Mapping[str, Any]) -> Config:
         raise ConfigError([format_error(e) for e in errors]) from None
     return Config(
         server=doc.server, sim=doc.sim, logging=doc.logging, fairness=doc.fairness,
-        admin=doc.admin, state=doc.state, routing=doc.routing,
+        admin=doc.admin, state=doc.state, routing=doc.routing, batch=doc.batch,
+        planner=doc.planner,
         tenants={name: _tenant(name, t) for name, t in doc.tenants.items()},
         engines=engine_configs(doc.engines),
     )  # fmt: skip

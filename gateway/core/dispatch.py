@@ -79,6 +79,17 @@ class Dispatcher:
                 cap += 1.0
         return used / cap if cap else 1.0
 
+    def utilisation_by_region(self, engines: list[EngineSnapshot]) -> dict[str, float]:
+        """`utilisation` of each region of `engines` (one model's snapshots)."""
+        used: dict[str, float] = {}
+        cap: dict[str, float] = {}
+        for s in engines:
+            load = self.ledger.loads.get(s.id)
+            if load is not None:
+                used[s.region] = used.get(s.region, 0.0) + load.share()
+                cap[s.region] = cap.get(s.region, 0.0) + 1.0
+        return {region: used[region] / n for region, n in cap.items()}
+
     def overloaded(self, model: str) -> bool:
         """Requests waiting, or the engines' in-flight load at `overload_at` of their limits:
         OIT may throttle. Below 1, it throttles before the queue forms, keeping headroom for
@@ -94,13 +105,15 @@ class Dispatcher:
         if not policy.waiting() and policy.may_start(t.tenant, now):
             engines = self.open_engines(t, healthy)
             if engines:
-                return Decision.START, self._start(t, model, engines, now)
+                return Decision.START, self.start(t, model, engines, now)
         if policy.backlog(t.tenant) >= self.max_queue:
             return Decision.FULL, ""
         policy.enqueue(t, now)
         return Decision.QUEUED, ""
 
-    def _start(self, t: Ticket, model: str, engines: list[EngineSnapshot], now: float) -> str:
+    def start(self, t: Ticket, model: str, engines: list[EngineSnapshot], now: float) -> str:
+        """Send `t` to the router's pick of `engines` (each with room for it): charged in the
+        ledger and to its tenant's fairness counter."""
         engine = self.route(t, engines)
         self.ledger.charge(t.handle, engine, prompt_tokens=t.prompt_tokens,
                            decode_tokens=t.predicted_output,
@@ -137,7 +150,7 @@ class Dispatcher:
                 # The pick does not fit anywhere yet: it keeps its turn (no skipping ahead).
                 policy.enqueue_front(t)
                 break
-            started.append((t, self._start(t, model, engines, now)))
+            started.append((t, self.start(t, model, engines, now)))
         return started
 
 

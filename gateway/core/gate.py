@@ -6,6 +6,9 @@ policy the gateway runs. Each admitted request gets a `Slot` keyed by a gateway-
 handle; its charge in the ledger follows it from admission to its end, through retries on other
 engines. The engines come from a `Fleet`: the gateway's registry, or the simulator's engines.
 
+Batch requests wait in a queue of their own (`gateway.core.batch`) and start where a region
+has room; one whose deadline passes while it waits is taken out by `expire`.
+
 Token buckets are not here: the gateway keeps them behind an async store (memory or Redis) and
 the simulator in memory; the core says what to charge (`Admitting`) and the shells charge it.
 """
@@ -18,8 +21,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from gateway.config.batch import DAY_S
 from gateway.config.schema import Config
 from gateway.core.admission import Admission, Admitting, Keyed
+from gateway.core.batch import BatchFeed
 from gateway.core.demand import Demand
 from gateway.core.dispatch import Decision, build_dispatcher
 from gateway.core.fairness import Ticket
@@ -75,6 +80,7 @@ class Slot:
     cost: float  # charged to the buckets at admission
     engine: str = ""  # where its charge is now ("" while it waits)
     charged_output: int = 0  # output tokens charged to the fairness counters so far
+    started: float | None = None  # when it left for an engine (the core's clock)
     done: bool = False
     payload: Any = None
 
@@ -93,6 +99,7 @@ class GateCore:
         self.dispatcher = build_dispatcher(lambda: self.cfg, self.ledger, self.snapshots,
                                            self._route, self.routable)  # fmt: skip
         self.admission = Admission(cfg, self.dispatcher)
+        self.batch = BatchFeed(lambda: self.cfg, self.dispatcher)
         self._handles = itertools.count(1)
         self.slots: dict[int, Slot] = {}  # admitted, not yet finished: waiting or in flight
         # Called with an engine id each time a request there ends (draining engines go then).
@@ -159,22 +166,37 @@ class GateCore:
 
     def submit(self, info: RequestInfo, a: Admitting, now: float) -> tuple[Decision, Slot]:
         """`info` passed its buckets: start it (START, `slot.engine` set and charged), queue
-        it (QUEUED), or refuse it (FULL, UNAVAILABLE: the shell gives the bucket charge back)."""
+        it (QUEUED: in the fairness queue, or a batch request in the batch feed), or refuse it
+        (FULL, UNAVAILABLE: the shell gives the bucket charge back)."""
         slot = Slot(next(self._handles), info, a.ticket, a.keys, a.cost)
         a.ticket.payload = slot
         a.ticket.handle = slot.handle
-        decision, engine = self.dispatcher.submit(a.ticket, info.model, now)
+        if info.klass == "batch":
+            deadline = self.deadline(info)
+            decision, engine = self.batch.submit(a.ticket, info.model, deadline, now)
+        else:
+            decision, engine = self.dispatcher.submit(a.ticket, info.model, now)
         if decision in (Decision.START, Decision.QUEUED):
             self.admission.admitted(info, now)
             self.slots[slot.handle] = slot
         if decision is Decision.START:
-            slot.engine = engine
+            slot.engine, slot.started = engine, now
         return decision, slot
+
+    def deadline(self, info: RequestInfo) -> float:
+        """A batch request's deadline: its own, else its application's default after arrival."""
+        if info.deadline is not None:
+            return info.deadline
+        tenant = self.cfg.tenants.get(info.tenant)
+        app = tenant.apps.get(info.app) if tenant is not None else None
+        span = app.batch_deadline_s if app is not None else None
+        return info.arrival + (span or DAY_S)
 
     def cancel(self, slot: Slot) -> bool:
         """A waiting request leaves (client gone, timed out). False if it was picked in the
         meantime: then it holds a charge and must `finish`."""
-        if self.dispatcher.cancel(slot.ticket, slot.info.model):
+        model = slot.info.model
+        if self.batch.cancel(slot.ticket, model) or self.dispatcher.cancel(slot.ticket, model):
             self.slots.pop(slot.handle, None)
             slot.done = True
             return True
@@ -215,12 +237,17 @@ class GateCore:
             self.on_tokens(slot, output - slot.charged_output)
         prompt = prompt_tokens or slot.info.prompt_tokens
         engine = self.ledger.engine_of(slot.handle)
-        started = self.dispatcher.finish(slot.ticket, slot.info.model, prompt, output, now)
+        model = slot.info.model
+        if slot.started is not None and output_tokens is not None:
+            self.batch.observe(model, now - slot.started, output)
+        # Interactive requests waiting take the freed room first; batch work after them.
+        started = self.dispatcher.finish(slot.ticket, model, prompt, output, now)
+        started += self.batch.feed(model, now)
         if engine is not None:
             self._count_demand(slot.info, engine, prompt, output)
             if self.on_release is not None:
                 self.on_release(engine)
-        return _picked(started), prompt + output - slot.cost
+        return _picked(started, now), prompt + output - slot.cost
 
     def _count_demand(self, info: RequestInfo, engine: str, prompt: int, output: int) -> None:
         region = next((e.region for e in self.fleet.engines_of(info.model) if e.id == engine), "")
@@ -233,22 +260,38 @@ class GateCore:
             self.on_demand(key, int(wall // 60), prompt, output)
 
     def poll(self, model: str, now: float) -> list[Slot]:
-        """Start what can start now (an engine joined or came back, a window opened)."""
-        return _picked(self.dispatcher.poll(model, now))
+        """Start what can start now (an engine joined or came back, a window opened, a batch
+        request's deadline came near)."""
+        started = self.dispatcher.poll(model, now)
+        return _picked(started + self.batch.feed(model, now), now)
+
+    def expire(self, model: str, now: float) -> list[Slot]:
+        """Take out the batch requests whose deadline passed while they waited: they never
+        reached an engine (the shell answers them and gives their bucket charge back)."""
+        out = []
+        for t in self.batch.expire(model, now):
+            slot: Slot = t.payload
+            self.slots.pop(slot.handle, None)
+            slot.done = True
+            out.append(slot)
+        return out
 
     def wake_at(self, model: str, now: float) -> float | None:
-        """When a waiting request may start by time alone (rate limits), if ever."""
-        return self.dispatcher.policy(model).wake_at(now)
+        """When a waiting request may start (rate limits, a batch deadline come near) or
+        expire by time alone, if ever."""
+        times = [t for t in (self.dispatcher.policy(model).wake_at(now),
+                             self.batch.wake_at(model)) if t is not None]  # fmt: skip
+        return min(times) if times else None
 
     @property
     def models(self) -> list[str]:
-        return list(self.dispatcher.policies)
+        return list(dict.fromkeys([*self.dispatcher.policies, *self.batch.queues]))
 
 
-def _picked(started: list[tuple[Ticket, str]]) -> list[Slot]:
+def _picked(started: list[tuple[Ticket, str]], now: float) -> list[Slot]:
     out = []
     for t, engine in started:
         slot: Slot = t.payload
-        slot.engine = engine
+        slot.engine, slot.started = engine, now
         out.append(slot)
     return out

@@ -34,5 +34,8 @@ class RequestInfo:
     predicted_output_upper: int | None = None
     # Completions the engine generates for it: max(n, best_of), each about as long as one.
     n: int = 1
-    # `interactive` or `batch` (gateway.core.demand.CLASSES): the demand it counts in.
+    # `interactive` or `batch` (gateway.core.demand.CLASSES): the demand it counts in, and
+    # for `batch` the queue it waits in (gateway.core.batch).
     klass: str = "interactive"
+    # A batch request's deadline, on the clock of `arrival` (None: its application's default).
+    deadline: float | None = None

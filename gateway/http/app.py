@@ -8,7 +8,7 @@ import signal
 import tomllib
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import structlog
@@ -34,6 +34,9 @@ from gateway.state.buckets import BucketStore, MemoryStore, RedisStore
 from gateway.state.cluster import ClusterSync
 from gateway.upstream.client import UpstreamPool
 from gateway.upstream.proxy import Proxy
+
+if TYPE_CHECKING:
+    from planner.controller import Controller
 
 log = structlog.get_logger("fairway")
 
@@ -95,6 +98,7 @@ def build_app(
         app[GATEWAY] = gw
         tasks: list[asyncio.Task[None]] = []
         hup = False
+        planner: Controller | None = None
         try:
             for e in cfg.engines:
                 await gw.fleet.add(e)
@@ -117,6 +121,13 @@ def build_app(
             tasks.append(loop.create_task(probes))
             if shared is not None:
                 tasks.append(loop.create_task(shared.run()))
+            if cfg.planner.enabled:
+                from gateway.fleet.planning import PLANNER, build_planner
+
+                planner = build_planner(cfg, gw.fleet, lambda: gate.core.clock(),
+                                        gate.core.demand, gw.shared_demand, metrics_)  # fmt: skip
+                app[PLANNER] = planner
+                tasks.append(loop.create_task(planner.run()))
             if path is not None:
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                     loop.add_signal_handler(signal.SIGHUP, _on_sighup, gw, tasks)
@@ -130,6 +141,8 @@ def build_app(
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            if planner is not None:
+                await planner.actuator.close()
             lengths.close()
             gate.close()
             if shared is not None:
@@ -146,6 +159,11 @@ def build_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     admin.add_routes(app.router)
+    if cfg.planner.enabled:
+        # Only then: the planner needs its extra (PuLP, statsmodels), the gateway does not.
+        from gateway.fleet.planning import admin_planner
+
+        app.router.add_get("/admin/planner", admin_planner)
     app.router.add_get("/openapi.json", openapi.serve)
     return app
 

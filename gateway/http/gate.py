@@ -6,7 +6,8 @@ however it ends (refused past the buckets, cancelled, timed out, failed, or done
 with its real usage); a waiting request is a future that the core's
 dispatcher resolves when the policy picks it. A client that goes away while waiting leaves
 the queue at once (aiohttp cancels its handler); nothing waits longer than
-`fairness.queue_timeout_s`.
+`fairness.queue_timeout_s`, but a batch request, which waits until its deadline and is then
+answered 408 `batch_deadline_exceeded` (a timer wakes the core for each deadline).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from gateway.core.dispatch import Decision, Dispatcher
 from gateway.core.errors import ApiError
 from gateway.core.gate import Fleet, GateCore, Router, Slot
 from gateway.core.request import RequestInfo
+from gateway.http.batch import DEADLINE_HEADER
 from gateway.obs.metrics import GatewayMetrics
 from gateway.state.buckets import BucketStore
 
@@ -103,22 +105,20 @@ class Gate:
         slot = p.slot
         slot.payload = fut = asyncio.get_running_loop().create_future()
         model, timeout = slot.info.model, self.cfg.fairness.queue_timeout_s
+        batch = slot.info.klass == "batch"
+        if batch:  # `poll` ends the wait at the deadline; this is only a backstop
+            timeout = max(0.0, self.core.deadline(slot.info) - time.perf_counter()) + 1.0
         try:
             async with asyncio.timeout(timeout):
                 await fut
             return p
-        except ApiError:  # the gateway is stopping (`fail_waiting`)
-            if self.core.cancel(slot):
-                await self._refund(p)
-            else:
-                await self.leave(p, None, None)
+        except ApiError:  # the gateway is stopping (`fail_waiting`), or the deadline passed
+            await self._give_back(p)
             raise
         except (TimeoutError, asyncio.CancelledError) as exc:
-            if not self.core.cancel(slot):
-                # Picked in the same instant: give the slot back to the next in line.
-                await self.leave(p, None, None)
-            else:
-                await self._refund(p)
+            await self._give_back(p)
+            if batch and isinstance(exc, TimeoutError):
+                raise self._expired(slot) from None
             reason = "client_gone" if isinstance(exc, asyncio.CancelledError) else "timeout"
             self.metrics.dropped.labels(slot.info.tenant, reason).inc()
             if isinstance(exc, asyncio.CancelledError):
@@ -135,6 +135,28 @@ class Gate:
                 code="queue_timeout",
                 headers={**p.headers, "Retry-After": str(self.cfg.server.retry_after_s)},
             ) from None
+
+    async def _give_back(self, p: Pass) -> None:
+        """A waiting request leaves: what it was charged goes back if it never reached an
+        engine (it was still waiting, or the core took it out); else it was picked in the
+        same instant, and ends there, freeing its slot for the next in line."""
+        slot = p.slot
+        if self.core.cancel(slot) or (slot.done and not slot.engine):
+            await self._refund(p)
+        else:
+            await self.leave(p, None, None)
+
+    def _expired(self, slot: Slot) -> ApiError:
+        info = slot.info
+        self.metrics.batch_expired.labels(info.model).inc()
+        waited = time.perf_counter() - info.arrival
+        return ApiError(
+            408,
+            f"The deadline of this batch request passed after {waited:.1f} s in the batch "
+            f"queue of model '{info.model}': no region had room for it in time. Send it again "
+            f"with a later {DEADLINE_HEADER}.",
+            code="batch_deadline_exceeded",
+        )
 
     async def _refund(self, p: Pass) -> None:
         """The request never reached an engine: everything it was charged goes back."""
@@ -202,9 +224,14 @@ class Gate:
                 fut.set_result(slot.engine)
 
     def poll(self, model: str | None = None) -> None:
-        """Start what can start now (an engine joined or came back, a window opened)."""
+        """Start what can start now (an engine joined or came back, a window opened, a batch
+        deadline came near), and answer the batch requests whose deadline passed."""
         now = time.perf_counter()
         for m in [model] if model else self.core.models:
+            for slot in self.core.expire(m, now):
+                fut = slot.payload
+                if isinstance(fut, asyncio.Future) and not fut.done():
+                    fut.set_exception(self._expired(slot))
             self._wake(self.core.poll(m, now))
             self._arm_timer(m)
 

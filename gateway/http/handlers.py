@@ -19,6 +19,7 @@ from engines.protocol import json_response
 from gateway.core.errors import ApiError
 from gateway.core.request import Endpoint, RequestInfo
 from gateway.fleet.registry import EngineMode
+from gateway.http.batch import CLASS_HEADER, DEADLINE_HEADER, request_class
 from gateway.http.holds import Hold, holds_of, read_body
 from gateway.http.request import (
     INTERACTION_HEADER,
@@ -61,6 +62,10 @@ async def _proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
         interaction = request.headers.get(INTERACTION_HEADER)
         regions = request.headers.get(REGIONS_HEADER)
         check_headers(interaction, regions)
+        klass, deadline = request_class(
+            gw.cfg.tenants[tenant].apps[app], f"tenants.{tenant}.apps.{app}",
+            request.headers.get(CLASS_HEADER), request.headers.get(DEADLINE_HEADER), arrival,
+        )  # fmt: skip
         # read_body() decodes gzip and deflate in bounded steps, holds the decoded body to
         # server.max_body_bytes, and reserves its bytes for the tenant as they arrive.
         encoding = check_encoding(request.headers.get("Content-Encoding"))
@@ -101,7 +106,7 @@ async def _proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
                 code="model_not_found",
             )
         apply_tenant_policy(body, endpoint, gw.cfg.tenants[tenant])
-        info = measure(body, endpoint, principal, rid, interaction, arrival)
+        info = measure(body, endpoint, principal, rid, interaction, arrival, klass, deadline)
         if gw.lengths is not None:
             predicted = gw.lengths.annotate(info, body, regions)
             info = predicted[0]
@@ -211,6 +216,8 @@ async def metrics(request: web.Request) -> web.Response:
         for tenant in gw.cfg.tenants:
             gw.metrics.queue_depth.labels(tenant, model).set(policy.backlog(tenant))
             gw.metrics.service.labels(tenant, model).set(counters.get(tenant, 0.0))
+    for model, n in gw.gate.core.batch.waiting().items():
+        gw.metrics.batch_waiting.labels(model).set(n)
     ledger = gw.gate.core.ledger
     for e in gw.registry.engines.values():
         gw.metrics.in_flight.labels(e.model, e.id, e.region).set(ledger.in_flight(e.id))

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from engines.perf_model import GPUS, MODELS
+from gateway.http.batch import CLASS_HEADER, CLASSES, DEADLINE_HEADER
 from gateway.http.request import INTERACTION_HEADER, ROLES
 from gateway.lengths.service import REGIONS_HEADER
 
@@ -41,7 +42,12 @@ _ERRORS = {
     "Unauthorized": (401, "A missing, malformed or unknown key."),
     "NotFound": (404, "An unknown model, engine or endpoint."),
     "MethodNotAllowed": (405, "The path exists, the method does not; `Allow` lists those that do."),
-    "RequestTimeout": (408, "The request body did not arrive within `server.body_timeout_s`."),
+    "RequestTimeout": (
+        408,
+        "The request body did not arrive within `server.body_timeout_s`; or, code "
+        "`batch_deadline_exceeded`, a batch request's deadline passed while it waited for a "
+        "region with room.",
+    ),
     "PayloadTooLarge": (413, "The body is larger than `server.max_body_bytes`."),
     "Conflict": (409, "An engine with this id is already in the fleet."),
     "TooManyRequests": (
@@ -271,6 +277,27 @@ _HEADERS = [
         "required": False,
         "description": "Comma-separated regions to prefer, overriding the configured ones.",
         "schema": {"type": "string"},
+    },
+    {
+        "name": CLASS_HEADER,
+        "in": "header",
+        "required": False,
+        "description": "`batch`: delay-tolerant; the request waits until a region has room "
+        "(below `batch.feed_below` of its engines' limits), at the latest until its deadline. "
+        "Default: the application's `demand_class`; a batch application may claim "
+        "`interactive` only with `allow_interactive`.",
+        "schema": {"type": "string", "enum": list(CLASSES)},
+    },
+    {
+        "name": DEADLINE_HEADER,
+        "in": "header",
+        "required": False,
+        "description": "Batch requests only: seconds from now by which the answer is wanted, "
+        "more than 0 and at most the application's `batch_max_deadline_s` (default "
+        "`batch_deadline_s`, 24 h). The request starts early enough for its expected service "
+        "time; one that could not start before its deadline gets 408 "
+        "`batch_deadline_exceeded`.",
+        "schema": {"type": "string", "pattern": r"^[0-9]{1,12}(\.[0-9]{1,9})?$"},
     },
 ]
 

@@ -299,8 +299,11 @@ def measure(
     request_id: str,
     interaction_header: str | None,
     arrival: float | None = None,
+    klass: str = "interactive",
+    deadline: float | None = None,
 ) -> RequestInfo:
-    """What is known of a validated request before any engine sees it."""
+    """What is known of a validated request before any engine sees it; `klass` and
+    `deadline` as `gateway.http.batch.request_class` found them."""
     if endpoint is Endpoint.CHAT:
         prompt = chat_prompt_tokens(body["messages"])
     else:
@@ -324,4 +327,6 @@ def measure(
         include_usage=isinstance(opts, dict) and bool(opts.get("include_usage")),
         arrival=time.perf_counter() if arrival is None else arrival,
         n=completions_asked(body),
+        klass=klass,
+        deadline=deadline,
     )

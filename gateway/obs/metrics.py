@@ -106,6 +106,14 @@ class GatewayMetrics:
             "fairway_queue_depth", "Requests waiting in the fairness queue.",
             ["tenant", "model"], registry=reg,
         )  # fmt: skip
+        self.batch_waiting = Gauge(
+            "fairway_batch_waiting", "Batch requests waiting in the batch feed for a region "
+            "with room.", ["model"], registry=reg,
+        )  # fmt: skip
+        self.batch_expired = Counter(
+            "fairway_batch_expired", "Batch requests whose deadline passed while they waited "
+            "(answered 408 batch_deadline_exceeded).", ["model"], registry=reg,
+        )  # fmt: skip
         self.service = Gauge(
             "fairway_service_counter",
             "The fairness policy's counter of the tenant (weighted service units; vtc, wsc), "
