@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.fairway-installed
 
 .PHONY: setup serve test lint typecheck pytest bench bench-all bench-fairness bench-kernels \
-	bench-routing bench-routing-live vllm-env clean
+	bench-routing bench-routing-live bench-planner vllm-env clean
 
 setup: $(STAMP)
 
@@ -91,3 +91,8 @@ bench-routing: setup
 
 bench-routing-live: setup
 	$(BIN)/python benchmarks/routing_live.py
+
+# Planner: five scaling policies over days of the planner workload in the cluster simulator,
+# forecasts and the integer program timed (docs/PLANNER.md); --quick for one smaller day.
+bench-planner: setup
+	$(BIN)/python benchmarks/planner.py

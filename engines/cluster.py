@@ -6,14 +6,28 @@ or when a request runs: a `Frontend` does. It is the gateway's pure policy code 
 fairness queue, the router) adapted to the simulator's callbacks, so the simulator runs the very
 objects the gateway runs. `engines` does not import `gateway`; the frontend brings the policies.
 
-Events are arrivals and step ends. After each event the frontend may start requests; a request
-that is started goes straight into the engine's scheduler, as a proxied request does.
+Events are arrivals, step ends, fleet changes and timers. After each event the frontend may start
+requests; a request that is started goes straight into the engine's scheduler, as a proxied
+request does.
+
+The fleet changes while it serves: an engine asked for with `add_engine` joins only when its
+start-up time has passed (and is paid from the moment it is asked for), `drain_engine` stops
+new requests to one and lets it leave once idle. `gpu_hours` adds up GPUs x time from asked-for
+to gone for every engine there ever was.
+
+`coalesce=True` advances a run of pure decode steps (every running sequence decoding, nothing
+that could be admitted) as one event: k steps, each timed by the performance model with its own
+context length, up to the first step in which a sequence finishes. A request added to the engine
+meanwhile cuts the run at the end of the step then in progress, so the engine's schedule is the
+one stepping token by token would give; what differs is that the frontend hears of the run's
+tokens once, at its end (`on_tokens(job, k)`), and KV blocks for the run are held from its start.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -69,6 +83,75 @@ class Job:
         return (self.finished - self.first_token) / (self.generated - 1)
 
 
+@dataclass(slots=True)
+class DecodeRun:
+    """`steps` pure decode steps of `batch` sequences holding `cached` KV tokens in all when
+    the run starts at `t0`. Step j (1-based) reads cached + j x batch KV tokens, so its compute
+    and memory times are each linear in j and its time is the larger plus the fixed cost:
+    `PerfModel.step_time_totals` summed in closed form, so a run of any length costs O(1)."""
+
+    t0: float
+    steps: int
+    batch: int
+    # Step j's compute time is c0 + c1 j, its memory time m0 + m1 j; `over` is the fixed cost.
+    c0: float
+    c1: float
+    m0: float
+    m1: float
+    over: float
+
+    @classmethod
+    def plan(cls, perf: PerfModel, t0: float, steps: int, batch: int, cached: int) -> DecodeRun:
+        m, g, eff = perf.model, perf.gpu, perf.eff
+        flops_s = g.peak_flops * eff.compute * perf.tp
+        bytes_s = g.hbm_bandwidth * eff.bandwidth * perf.tp
+        attn = 4.0 * m.layers * m.heads * m.head_dim
+        kv = m.kv_bytes_per_token
+        # pairs = kv_read = cached + j x batch (one new token each, attending to all before it)
+        c0 = (2.0 * m.params * batch + attn * cached) / flops_s
+        c1 = attn * batch / flops_s
+        m0 = (m.weight_bytes + (cached + batch) * kv) / bytes_s
+        m1 = kv * batch / bytes_s
+        return cls(t0, steps, batch, c0, c1, m0, m1, eff.step_overhead_s)
+
+    def elapsed(self, n: int) -> float:
+        """Seconds for the run's first `n` steps."""
+        if n <= 0:
+            return 0.0
+        # max(c, m) of two lines: the memory line leads while j < cross (decode is memory
+        # bound until the context grows), the compute line after, or one leads throughout.
+        if self.c1 == self.m1:
+            cross = 0 if self.c0 >= self.m0 else n
+        else:
+            cross = min(n, max(0, math.floor((self.m0 - self.c0) / (self.c1 - self.m1))))
+            if self.c1 < self.m1:  # compute leads first, memory after
+                k = min(n, max(0, math.floor((self.c0 - self.m0) / (self.m1 - self.c1))))
+                return _line(self.c0, self.c1, 0, k) + _line(self.m0, self.m1, k, n) + n * self.over
+        return _line(self.m0, self.m1, 0, cross) + _line(self.c0, self.c1, cross, n) + n * self.over
+
+    def end(self) -> float:
+        return self.t0 + self.elapsed(self.steps)
+
+    def steps_by(self, t: float) -> int:
+        """Steps ended by time `t`, the one in progress at `t` counted as ended (the smallest
+        n whose end is at or after `t`)."""
+        lo, hi = 1, self.steps
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.t0 + self.elapsed(mid) >= t:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+
+def _line(a: float, b: float, lo: int, hi: int) -> float:
+    """Sum of a + b j over j = lo + 1 .. hi."""
+    if hi <= lo:
+        return 0.0
+    return a * (hi - lo) + b * (hi * (hi + 1) - lo * (lo + 1)) / 2
+
+
 @dataclass(slots=True, eq=False)
 class SimulatedEngine:
     spec: EngineSpec
@@ -79,6 +162,21 @@ class SimulatedEngine:
     plan: StepPlan | None = None  # the step running now
     busy_s: float = 0.0
     steps: int = 0
+    asked_at: float = 0.0  # paid from here
+    ready_at: float = 0.0  # serving from here
+    gone_at: float | None = None
+    draining: bool = False
+    run: DecodeRun | None = None  # a coalesced run of decode steps in flight
+    epoch: int = 0  # step-end events of an older epoch were cut short and are void
+
+    @property
+    def gpus(self) -> int:
+        return self.spec.tp
+
+    def gpu_seconds(self, now: float) -> float:
+        """GPUs x seconds from being asked for to gone (or `now`)."""
+        end = now if self.gone_at is None else self.gone_at
+        return self.spec.tp * max(0.0, end - self.asked_at)
 
     @classmethod
     def build(cls, spec: EngineSpec) -> SimulatedEngine:
@@ -101,7 +199,11 @@ class SimulatedEngine:
 
 
 class Frontend(Protocol):
-    """The gateway side of the simulation. Every callback gets the virtual time `now`."""
+    """The gateway side of the simulation. Every callback gets the virtual time `now`.
+
+    Optional, looked up by name: `wake_at(now)` (a time to be asked again), and the fleet
+    hooks `on_engine_ready(engine, now)`, `on_engine_drain(engine, now)` and
+    `on_engine_gone(engine, now)`."""
 
     def on_arrival(self, job: Job, now: float) -> None:
         """A request arrived: admit, queue or reject it (set `job.rejected`)."""
@@ -118,27 +220,119 @@ class Frontend(Protocol):
     def on_finish(self, job: Job, now: float) -> None: ...
 
 
-class ClusterSim:
-    """Engines from `specs`, driven by `frontend`, fed by `jobs` (sorted by arrival)."""
+# What an event is about: a step end (engine and epoch), an engine whose start-up is over, a
+# timer, or the frontend's wake-up (None).
+_STEP, _READY, _TIMER = 0, 1, 2
+_Event = tuple[float, int, int, Any, int]
 
-    def __init__(self, specs: Iterable[EngineSpec], frontend: Frontend) -> None:
+
+class ClusterSim:
+    """Engines from `specs`, driven by `frontend`, fed by `jobs` (sorted by arrival).
+
+    `engines` and `by_model` hold the engines present (serving or draining); `starting` those
+    asked for and not yet serving; `retired` those gone."""
+
+    def __init__(
+        self, specs: Iterable[EngineSpec], frontend: Frontend, *, coalesce: bool = False
+    ) -> None:
         self.engines: dict[str, SimulatedEngine] = {}
         self.by_model: dict[str, list[SimulatedEngine]] = {}
-        for spec in specs:
-            if spec.id in self.engines:
-                raise ValueError(f"duplicate engine id {spec.id!r}")
-            engine = SimulatedEngine.build(spec)
-            self.engines[spec.id] = engine
-            self.by_model.setdefault(spec.model, []).append(engine)
+        self.starting: dict[str, SimulatedEngine] = {}
+        self.retired: list[SimulatedEngine] = []
+        self.coalesce = coalesce
         self.frontend = frontend
         self.now = 0.0
-        # Step ends (an engine) and wake-ups the frontend asked for (None).
-        self._events: list[tuple[float, int, SimulatedEngine | None]] = []
+        self._events: list[_Event] = []
         self._wake_at: float | None = None
         self._tie = itertools.count()
+        for spec in specs:
+            self._check_new(spec.id)
+            self._join(SimulatedEngine.build(spec))
 
     def engines_of(self, model: str) -> list[SimulatedEngine]:
-        return list(self.by_model.get(model, ()))
+        """The engines of `model` that take new requests."""
+        return [e for e in self.by_model.get(model, ()) if not e.draining]
+
+    # The fleet ---------------------------------------------------------------------------
+
+    def add_engine(self, spec: EngineSpec, startup_s: float = 0.0) -> SimulatedEngine:
+        """Ask for an engine now: paid from now, serving once `startup_s` has passed."""
+        self._check_new(spec.id)
+        if startup_s < 0:
+            raise ValueError(f"startup_s must be >= 0, got {startup_s}")
+        engine = SimulatedEngine.build(spec)
+        engine.asked_at = self.now
+        engine.ready_at = self.now + startup_s
+        self.starting[spec.id] = engine
+        self._push(engine.ready_at, _READY, engine)
+        return engine
+
+    def drain_engine(self, engine_id: str) -> None:
+        """No new requests to the engine; it leaves once its requests are done (at once when
+        idle; an engine still starting is cancelled, paid until now)."""
+        starting = self.starting.pop(engine_id, None)
+        if starting is not None:
+            starting.gone_at = starting.ready_at = self.now
+            self.retired.append(starting)
+            return
+        engine = self.engines.get(engine_id)
+        if engine is None:
+            raise KeyError(f"no engine {engine_id!r}")
+        if engine.draining:
+            return
+        engine.draining = True
+        hook = getattr(self.frontend, "on_engine_drain", None)
+        if hook is not None:
+            hook(engine, self.now)
+        self._leave_if_idle(engine)
+
+    def call_at(self, when: float, fn: Callable[[float], None]) -> None:
+        """Run `fn(now)` at virtual time `when` (a controller's timer)."""
+        self._push(max(when, self.now), _TIMER, fn)
+
+    def gpu_hours(self, until: float | None = None) -> float:
+        """GPU-hours of every engine there ever was, from asked-for to gone (or `until`)."""
+        now = self.now if until is None else until
+        return sum(e.gpu_seconds(now) for e in self.all_engines()) / 3600
+
+    def all_engines(self) -> list[SimulatedEngine]:
+        return [*self.retired, *self.engines.values(), *self.starting.values()]
+
+    def _check_new(self, engine_id: str) -> None:
+        if (
+            engine_id in self.engines
+            or engine_id in self.starting
+            or any(e.id == engine_id for e in self.retired)
+        ):
+            raise ValueError(f"duplicate engine id {engine_id!r}")
+
+    def _join(self, engine: SimulatedEngine) -> None:
+        self.engines[engine.id] = engine
+        self.by_model.setdefault(engine.spec.model, []).append(engine)
+
+    def _ready(self, engine: SimulatedEngine) -> None:
+        if self.starting.pop(engine.id, None) is None:
+            return  # cancelled while starting
+        self._join(engine)
+        hook = getattr(self.frontend, "on_engine_ready", None)
+        if hook is not None:
+            hook(engine, self.now)
+
+    def _leave_if_idle(self, engine: SimulatedEngine) -> None:
+        if not engine.draining or engine.jobs or engine.plan is not None:
+            return
+        engine.gone_at = self.now
+        del self.engines[engine.id]
+        self.by_model[engine.spec.model].remove(engine)
+        self.retired.append(engine)
+        hook = getattr(self.frontend, "on_engine_gone", None)
+        if hook is not None:
+            hook(engine, self.now)
+
+    # The clock ---------------------------------------------------------------------------
+
+    def _push(self, when: float, kind: int, what: Any, epoch: int = 0) -> None:
+        heapq.heappush(self._events, (when, next(self._tie), kind, what, epoch))
 
     def run(
         self,
@@ -146,14 +340,15 @@ class ClusterSim:
         until: float | None = None,
         on_event: Callable[[], None] = lambda: None,
     ) -> list[Job]:
-        """Simulate until every job has finished (or `until`); returns the jobs in arrival
-        order. `on_event` runs after each event, e.g. to sample per-tenant service."""
+        """Simulate until every job has finished and no event is left (or `until`); returns
+        the jobs in arrival order. `on_event` runs after each event, e.g. to sample per-tenant
+        service."""
         done: list[Job] = []
         arrivals: Iterator[Job] = iter(jobs)
         nxt = next(arrivals, None)
         while nxt is not None or self._events:
-            t_step = self._events[0][0] if self._events else float("inf")
-            if nxt is not None and nxt.arrival <= t_step:
+            t_event = self._events[0][0] if self._events else math.inf
+            if nxt is not None and nxt.arrival <= t_event:
                 self.now = nxt.arrival
                 if until is not None and self.now > until:
                     break
@@ -161,13 +356,21 @@ class ClusterSim:
                 self.frontend.on_arrival(nxt, self.now)
                 nxt = next(arrivals, None)
             else:
-                self.now, _, engine = heapq.heappop(self._events)
-                if until is not None and self.now > until:
+                when, _, kind, what, epoch = self._events[0]
+                if until is not None and when > until:
                     break
-                if engine is None:
-                    self._wake_at = None
+                heapq.heappop(self._events)
+                if kind == _STEP and what.epoch != epoch:
+                    continue  # a run cut short: its new end is queued
+                self.now = when
+                if kind == _STEP:
+                    self._step_done(what)
+                elif kind == _READY:
+                    self._ready(what)
+                elif kind == _TIMER:
+                    what(self.now)
                 else:
-                    self._step_done(engine)
+                    self._wake_at = None
             self._dispatch()
             self._arm_wake()
             on_event()
@@ -175,7 +378,9 @@ class ClusterSim:
 
     def _dispatch(self) -> None:
         for job, engine_id in self.frontend.ready(self.now):
-            engine = self.engines[engine_id]
+            engine = self.engines.get(engine_id)
+            if engine is None or engine.draining:
+                raise ValueError(f"{job.id}: engine {engine_id} is not serving")
             if engine.spec.model != job.model:
                 raise ValueError(f"{job.id}: engine {engine_id} does not serve {job.model}")
             job.engine, job.started = engine_id, self.now
@@ -185,6 +390,8 @@ class ClusterSim:
             engine.sched.add(seq)
             if engine.plan is None:
                 self._start_step(engine)
+            elif engine.run is not None:
+                self._cut_run(engine)
 
     def _arm_wake(self) -> None:
         """A frontend with rate limits may name a time to be asked again (`wake_at`)."""
@@ -192,33 +399,129 @@ class ClusterSim:
         when = wake_at(self.now) if wake_at is not None else None
         if when is not None and when > self.now and when != self._wake_at:
             self._wake_at = when
-            heapq.heappush(self._events, (when, next(self._tie), None))
+            self._push(when, -1, None)
+
+    # Engine steps ------------------------------------------------------------------------
 
     def _start_step(self, engine: SimulatedEngine) -> None:
         plan = engine.sched.schedule()
         if not plan:
             engine.plan = None  # idle, or the head needs more KV than exists: wait
+            self._leave_if_idle(engine)
+            return
+        engine.plan = plan
+        if self.coalesce and self._start_run(engine, plan):
             return
         dt = engine.perf.step_time(plan.work())
-        engine.plan = plan
         engine.busy_s += dt
         engine.steps += 1
-        heapq.heappush(self._events, (self.now + dt, next(self._tie), engine))
+        self._push(self.now + dt, _STEP, engine, engine.epoch)
+
+    def _start_run(self, engine: SimulatedEngine, plan: StepPlan) -> bool:
+        """Start `plan` as the first of k > 1 decode steps when nothing can change the
+        schedule before the first sequence finishes; False when it cannot be coalesced."""
+        sched = engine.sched
+        items = plan.items
+        if len(items) != len(sched.running):
+            return False
+        k = math.inf
+        cached = 0
+        for seq, n in items:
+            if n != 1 or seq.pending != 1 or seq.output < 1:
+                return False
+            k = min(k, seq.target_output - seq.output)
+            cached += seq.computed
+        if k < 2 or (sched.waiting and not self._head_blocked(sched, len(items))):
+            return False
+        steps = int(k)
+        # KV for the whole run, held from its start; a shorter run when it does not fit.
+        bs = sched.block_size
+        while steps > 1:
+            need = sum(-(-(s.computed + steps) // bs) - s.blocks for s, _ in items)
+            if sched.used_blocks + need <= sched.kv_blocks:
+                break
+            steps //= 2
+        if steps < 2:
+            return False
+        for seq, _ in items:
+            grow = -(-(seq.computed + steps) // bs) - seq.blocks
+            if grow > 0:
+                seq.blocks += grow
+                sched.used_blocks += grow
+        run = DecodeRun.plan(engine.perf, self.now, steps, len(items), cached)
+        end = run.end()
+        engine.run = run
+        engine.busy_s += end - self.now
+        engine.steps += steps
+        self._push(end, _STEP, engine, engine.epoch)
+        return True
+
+    @staticmethod
+    def _head_blocked(sched: Scheduler, running: int) -> bool:
+        """True when `schedule()` would admit no waiting sequence during a decode run: the
+        batch is full, the token budget spent, or the head's first chunk finds no KV (which
+        only fills up while the run decodes)."""
+        if running >= sched.max_num_seqs or sched.max_batched_tokens - running <= 0:
+            return True
+        head = sched.waiting[0]
+        n = min(head.pending, sched.max_batched_tokens - running)
+        need = -(-(head.computed + n) // sched.block_size) - head.blocks
+        return sched.used_blocks + need > sched.kv_blocks
+
+    def _cut_run(self, engine: SimulatedEngine) -> None:
+        """A request joined during a coalesced run: the run ends with the step in progress."""
+        run = engine.run
+        assert run is not None
+        assert engine.plan is not None
+        done = run.steps_by(self.now)
+        if done == run.steps:
+            return
+        end = run.end()
+        engine.steps -= run.steps - done
+        run.steps = done
+        engine.busy_s -= end - run.end()
+        bs = engine.sched.block_size
+        for seq, _ in engine.plan.items:
+            keep = -(-(seq.computed + done) // bs)
+            if seq.blocks > keep:
+                engine.sched.used_blocks -= seq.blocks - keep
+                seq.blocks = keep
+        engine.epoch += 1
+        self._push(run.end(), _STEP, engine, engine.epoch)
 
     def _step_done(self, engine: SimulatedEngine) -> None:
         assert engine.plan is not None
-        for seq in engine.sched.complete(engine.plan):
-            job = engine.jobs[seq.rid]
-            job.generated += 1
-            if job.first_token is None:
-                job.first_token = self.now
-            self.frontend.on_tokens(job, 1, self.now)
-            if seq.finished:
-                job.finished = self.now
-                del engine.jobs[seq.rid], engine.seqs[seq.rid]
-                self.frontend.on_finish(job, self.now)
+        if engine.run is not None:
+            self._run_done(engine, engine.run.steps)
+        else:
+            for seq in engine.sched.complete(engine.plan):
+                self._sampled(engine, seq, 1)
         engine.plan = None
         self._start_step(engine)
+
+    def _run_done(self, engine: SimulatedEngine, k: int) -> None:
+        assert engine.plan is not None
+        engine.run = None
+        sched = engine.sched
+        for seq, _ in engine.plan.items:
+            seq.computed += k
+            seq.output += k
+            if seq.finished:
+                sched.running.remove(seq)
+                sched.used_blocks -= seq.blocks
+                seq.blocks = 0
+            self._sampled(engine, seq, k)
+
+    def _sampled(self, engine: SimulatedEngine, seq: Sequence, n: int) -> None:
+        job = engine.jobs[seq.rid]
+        job.generated += n
+        if job.first_token is None:
+            job.first_token = self.now
+        self.frontend.on_tokens(job, n, self.now)
+        if seq.finished:
+            job.finished = self.now
+            del engine.jobs[seq.rid], engine.seqs[seq.rid]
+            self.frontend.on_finish(job, self.now)
 
 
 class RouteOnArrival:

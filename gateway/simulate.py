@@ -123,15 +123,37 @@ class GateFrontend:
         self._views = {}
         if sim is None:
             return
-        known = {e.id for e in self.core.cfg.engines}
-        for model, engines in sim.by_model.items():
-            self._views[model] = [_Engine(e) for e in engines]
+        for engines in sim.by_model.values():
             for e in engines:
-                if e.spec.id not in known:
-                    limit = EngineLimit(
-                        max_running=e.spec.max_num_seqs, max_tokens=e.perf.kv_capacity_tokens
-                    )
-                    self.core.set_limit(e.spec.id, limit)
+                self._join(e)
+
+    def _join(self, e: SimulatedEngine) -> None:
+        self._views.setdefault(e.spec.model, []).append(_Engine(e, routable=not e.draining))
+        if e.spec.id not in {c.id for c in self.core.cfg.engines}:
+            limit = EngineLimit(
+                max_running=e.spec.max_num_seqs, max_tokens=e.perf.kv_capacity_tokens
+            )
+            self.core.set_limit(e.spec.id, limit)
+
+    # Fleet changes, as the gateway's registry follows joins, drains and leaves -------------
+
+    def on_engine_ready(self, engine: SimulatedEngine, now: float) -> None:
+        """An engine finished starting: it joins the ledger, and waiting requests may start."""
+        self._now = now
+        self._join(engine)
+        self._scraped_at = -math.inf  # its gauges are read at once, as on a join
+        self._start(self.core.poll(engine.spec.model, now))
+
+    def on_engine_drain(self, engine: SimulatedEngine, now: float) -> None:
+        """No new requests to the engine; those there finish."""
+        for v in self._views.get(engine.spec.model, []):
+            if v.engine is engine:
+                v.routable = False
+
+    def on_engine_gone(self, engine: SimulatedEngine, now: float) -> None:
+        views = self._views.get(engine.spec.model, [])
+        views[:] = [v for v in views if v.engine is not engine]
+        self.core.drop_engine(engine.spec.id)
 
     # The fleet, as the gate core reads it ---------------------------------------------------
 
