@@ -10,6 +10,7 @@ planning time; they are made once per planning minute and shared by lt-i, lt-u a
 
     .venv/bin/python benchmarks/planner.py            # 3 days at peak_rps 2: docs/planner.json
     .venv/bin/python benchmarks/planner.py --quick    # 1 day at peak_rps 1, 30-minute slots
+    .venv/bin/python benchmarks/planner.py --from-json docs/planner.json   # the report again
 """
 
 from __future__ import annotations
@@ -399,6 +400,109 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+def report(out: dict[str, Any]) -> str:
+    """docs/PLANNER.md from a run's JSON: the setting, the figures, the targets met or not."""
+    pol, run = out["policies"], out["run"]
+    lines = [
+        "# Planner: SageServe's forecast-and-solve scaling against reactive scaling",
+        "",
+        f"Measured by `make bench-planner` (`benchmarks/planner.py`) on {out['machine']}: "
+        f"{out['wall_s'] / 60:.0f} minutes of wall time, two policies at a time on the two "
+        "cores. Raw figures in `docs/planner.json`; "
+        "`benchmarks/planner.py --from-json docs/planner.json` writes this page again.",
+        "",
+        "## Setting",
+        "",
+        f"- Trace: `planner/workload.py` (docs/PLANNER_WORKLOAD.md), {run['days']} days at "
+        f"`peak_rps` {run['peak_rps']:g}, seed {run['seed']}: {out['requests']:,} requests, "
+        "3 regions, 4 models, about 20% batch with deadlines of 1 to 24 h, bursts. The week "
+        "the generator builds is cut to its first days so that five policies replay in under "
+        "half an hour on two cores.",
+        "- Replay: every request goes through the gateway's own gate core on the cluster "
+        "simulator's clock (`gateway.simulate.GateFrontend`: admission, the fairness queue, "
+        "the batch feed, region-first predicted-latency routing). Engines are asked for, serve "
+        "only after their start-up time, drain, and leave; each is paid (GPUs x time) from "
+        "being asked for to leaving. Pure decode runs are coalesced exactly.",
+        f"- Engines: `max_num_seqs` {run['max_num_seqs']} (a scaled-down engine, so that a "
+        "region needs several at its peak), start-up "
+        + ", ".join(f"{g} {m:g} min" for g, m in STARTUP_MIN.items())
+        + f"; GPU quotas per region A100 {run['quota_a100']}, H100 {run['quota_h100']}; prices "
+        + ", ".join(f"{g.name} ${g.cost_per_hour:g}/h" for g in GPUS)
+        + ". Capacity per engine type (prompt tokens/s at the SLO, `planner/capacity.py`): "
+        + ", ".join(
+            f"{e['model']}/{e['gpu']} {e['prompt_tokens_per_s']:.0f}" for e in out["engine_types"]
+        )
+        + ".",
+        "- SLOs (interactive requests; attainment is the share meeting both TTFT and time per "
+        "output token): "
+        + ", ".join(
+            f"{m} TTFT {s['ttft_s']:g} s, TPOT {1000 * s['tpot_s']:.0f} ms"
+            for m, s in out["slo"].items()
+        )
+        + ".",
+        f"- Plans: {run['slots']} slots of {run['slot_minutes']} minutes, re-planned every "
+        "slot; forecasts (ARIMA(3,1,2) on the last four hours, seasonal-naive fallback, upper "
+        "quantile) from the minutes before the planning time only. Reactive: per (model, "
+        "region), up above 0.5 utilisation, down below 0.25, the same start-up times. LT-U "
+        "gates the plan by measured utilisation, LT-UA adds an override when demand surprises "
+        "the forecast; the oracle plans with the true future.",
+        "",
+        "## Results",
+        "",
+        table(pol),
+        "",
+    ]
+    r, o = pol.get("reactive"), pol.get("oracle")
+    if r and o:
+        lines += [
+            "## Targets",
+            "",
+            "| policy | GPU-hours vs reactive | vs oracle | SLO vs "
+            "reactive | batch missed | scale-ups vs reactive |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name in ("lt-i", "lt-u", "lt-ua"):
+            if name not in pol:
+                continue
+            q = pol[name]
+            lines.append(
+                f"| {name} | {100 * (q['gpu_hours'] / r['gpu_hours'] - 1):+.1f}% (target <= "
+                f"-25%) | {100 * (q['gpu_hours'] / o['gpu_hours'] - 1):+.1f}% (target <= +10%) "
+                f"| {100 * (q['slo_attainment'] - r['slo_attainment']):+.2f} points | "
+                f"{q['batch_missed']} | {q['scale_ups']} vs {r['scale_ups']} |"
+            )
+        solvers = out.get("solvers_busiest_program_s", {})
+        lines += [
+            "",
+            "Solve time of the busiest 3 regions x 4 models x 2 GPU types x 12 slots program: "
+            + ", ".join(f"{k} {v:.2f} s" for k, v in solvers.items())
+            + f" (target under 1 s). The largest solve of the whole run took {out['solve_s']:.1f} "
+            "s, on a machine shared by two replays at once; a program with no feasible plan is "
+            "solved a second time, as an elastic copy that names its shortfalls, and the two "
+            "are not timed apart ("
+            + ", ".join(
+                f"{n} {q.get('infeasible', 0)}" for n, q in pol.items() if "infeasible" in q
+            )
+            + " infeasible plans).",
+            "",
+        ]
+    fc = out.get("forecast", {})
+    if fc:
+        lines += [
+            "## Forecast error (interactive prompt tokens per minute, at each planning "
+            "time over its horizon)",
+            "",
+            "| series | sMAPE | MAPE |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {k} | {100 * v['smape']:.1f}% | {100 * v['mape']:.1f}% |"
+                  for k, v in fc.items()]  # fmt: skip
+        lines.append("")
+    lines += ["## Engines against demand", ""]
+    lines += [f"![{p}]({p})" for p in out.get("plots", [])]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="1 day at peak_rps 1, 30-minute slots")
@@ -410,7 +514,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policies", default=",".join(POLICIES))
     p.add_argument("--jobs", type=int, default=2, help="policies replayed in parallel")
     p.add_argument("--out", type=Path, default=DOCS / "planner.json")
+    p.add_argument("--from-json", type=Path, help="write docs/PLANNER.md from an earlier run")
     a = p.parse_args(argv)
+    if a.from_json:
+        (DOCS / "PLANNER.md").write_text(report(json.loads(a.from_json.read_text())))
+        return 0
     run = Run(
         days=a.days or (1 if a.quick else 3),
         peak_rps=a.peak_rps or (1.0 if a.quick else 2.0),
@@ -484,6 +592,7 @@ def main(argv: list[str] | None = None) -> int:
         "plots": plots,
     }
     a.out.write_text(json.dumps(out, indent=1) + "\n")
+    (DOCS / "PLANNER.md").write_text(report(out))
     print(table(results))
     print(f"solvers on the busiest program: {solvers}; total {out['wall_s']:.0f} s; wrote {a.out}")
     return 0
