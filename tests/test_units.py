@@ -10,6 +10,7 @@ from gateway.core.errors import ApiError
 from gateway.core.ledger import EngineSnapshot
 from gateway.core.request import Endpoint, RequestInfo
 from gateway.fleet.health import parse_vllm_metrics
+from gateway.http import auth
 from gateway.http.auth import KeyRing, digest
 from gateway.routing.policies import LeastOutstanding
 from gateway.upstream.sse import Usage, filter_event
@@ -24,6 +25,19 @@ def test_keyring_resolves_tenant_and_app() -> None:
         with pytest.raises(ApiError) as exc:
             ring.authenticate(header)
         assert exc.value.status == 401
+
+
+def test_keyring_remembers_only_matching_headers_within_its_bound() -> None:
+    ring = KeyRing({"t": TenantConfig("t", 1.0, {}, {digest("k1"): "a"})})
+    for _ in range(3):  # remembered after the first, answered the same
+        assert ring.authenticate("Bearer k1").app == "a"
+    for i in range(3 * auth.KNOWN_HEADERS):  # fresh keys, every one refused, none kept
+        with pytest.raises(ApiError):
+            ring.authenticate(f"Bearer guess-{i}")
+    assert list(ring._known) == ["Bearer k1"]
+    # A ring built from a config without the key (a reload) refuses the header it knew.
+    with pytest.raises(ApiError):
+        KeyRing({"t": TenantConfig("t", 1.0, {}, {digest("k2"): "a"})}).authenticate("Bearer k1")
 
 
 USAGE = b'data: {"id":"x","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":9}}\n\n'

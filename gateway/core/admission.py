@@ -354,6 +354,20 @@ class Admission:
         f = cfg.fairness
         self.interactions = Interactions(f.interaction_ttl_s,
                                          lifetime_s=f.interaction_lifetime_s)  # fmt: skip
+        # Per (tenant, app) of `_keys_cfg`: its buckets and hard limits, built once rather
+        # than per request (a reload brings a new config, and the keys are built anew).
+        self._keys: dict[tuple[str, str], tuple[Keyed, Keyed]] = {}
+        self._keys_cfg = cfg
+
+    def _keys_of(self, tenant: TenantConfig, app: AppConfig) -> tuple[Keyed, Keyed]:
+        if self._keys_cfg is not self.cfg:
+            self._keys.clear()
+            self._keys_cfg = self.cfg
+        found = self._keys.get((tenant.name, app.name))
+        if found is None:
+            found = (tuple(bucket_keys(tenant, app)), tuple(limit_keys(tenant, app)))
+            self._keys[(tenant.name, app.name)] = found
+        return found
 
     def prepare(self, info: RequestInfo, now: float) -> Admitting:
         tenant = self.cfg.tenants[info.tenant]
@@ -370,8 +384,8 @@ class Admission:
             unit_cost(app, self.prices), continuing,
             predicted_output=info.predicted_output_tokens or 0,
         )  # fmt: skip
-        return Admitting(bucket_keys(tenant, app), cost, need, enforce, ticket,
-                         limit_keys(tenant, app))  # fmt: skip
+        keys, limits = self._keys_of(tenant, app)
+        return Admitting(keys, cost, need, enforce, ticket, limits)
 
     def admitted(self, info: RequestInfo, now: float) -> None:
         """The request passed the buckets and has a place: its interaction is in progress."""

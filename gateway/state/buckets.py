@@ -38,6 +38,8 @@ from gateway.core.admission import (
 from gateway.state.lua import ADMIT, BEAT
 
 Charges = list[tuple[str, Limit, float]]  # bucket, its shape, what to charge it
+# The verdict on a request with no bucket at all (frozen: one instance serves them all).
+ADMITTED = Verdict(True)
 
 
 class BucketStore(Protocol):
@@ -91,6 +93,8 @@ class MemoryStore:
 
     def admit_at(self, keys: Keyed, cost: float, need: float, enforce: bool, now: float) -> Verdict:
         """`admit` on a given clock: the cluster simulator's."""
+        if not keys:  # a tenant without rates or limits: nothing to check or charge
+            return ADMITTED
         got = self._get(keys, now)
         v = decide(got, cost, need, enforce, now)
         self._put(got)
@@ -98,6 +102,8 @@ class MemoryStore:
 
     def charge_at(self, keys: Keyed, charges: Sequence[float], now: float) -> None:
         """Charge each bucket its amount, unchecked."""
+        if not keys:
+            return
         got = self._get(keys, now)
         check_and_charge(got, charges, [None] * len(got), now)
         self._put(got)
@@ -108,7 +114,8 @@ class MemoryStore:
     async def settle(
         self, keys: Keyed, delta: float, *, requests: float = 0.0, slots: float = 0.0
     ) -> None:
-        self.charge_at(keys, amounts(keys, delta, requests, slots), time.monotonic())
+        if keys:
+            self.charge_at(keys, amounts(keys, delta, requests, slots), time.monotonic())
 
     async def levels(self, keys: Keyed) -> list[float]:
         now = time.monotonic()
@@ -366,7 +373,7 @@ class RedisStore:
 
     async def admit(self, keys: Keyed, cost: float, need: float, enforce: bool) -> Verdict:
         if not keys:
-            return Verdict(True)
+            return ADMITTED
         op = self._op()
         counts = self._counting(keys)
         if not self.up:
