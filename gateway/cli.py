@@ -26,6 +26,13 @@ def _serve(args: argparse.Namespace) -> int:
         for err in exc.errors:
             print(f"  {err}", file=sys.stderr)
         return 2
+    if cfg.planner.enabled:
+        from gateway.config.planner import missing_extra
+
+        why = missing_extra(cfg.planner.actuator.kind)
+        if why is not None:
+            print(f"fairway serve: [planner] enabled, but {why}", file=sys.stderr)
+            return 2
     configure(cfg.log_level)
     host = args.host or cfg.server.host
     port = cfg.server.port if args.port is None else args.port
@@ -166,8 +173,13 @@ def _plan_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _plan(args: argparse.Namespace) -> int:
+    from gateway.config.planner import missing_extra
     from gateway.plan import run
 
+    why = missing_extra()
+    if why is not None:
+        print(f"fairway plan: {why}", file=sys.stderr)
+        return 2
     return run(args)
 
 

@@ -353,3 +353,19 @@ async def test_fairway_plan_from_a_live_gateway(
     assert await asyncio.to_thread(fairway, args) == 2
     assert "an admin key is needed" in capsys.readouterr().err
     await client.close()
+
+
+def test_without_the_planner_extra_serve_and_plan_say_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib.util
+
+    find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "pulp" else find(name, *a))  # fmt: skip
+    example = str(Path(__file__).resolve().parents[1] / "config.planner.toml")
+    assert fairway(["serve", "--config", example, "--port", "0"]) == 2
+    assert fairway(["plan", "--config", example, "--demand", "unused.json"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("needs pulp, not installed here: pip install 'fairway-llm[planner]'") == 2
+    assert "Traceback" not in err

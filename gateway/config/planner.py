@@ -8,6 +8,7 @@ where the table does not give them.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import TYPE_CHECKING, Annotated, Literal, Self
 
 from pydantic import Field, StrictBool, StrictFloat, StrictStr, model_validator
@@ -198,3 +199,18 @@ def _engine_type(model: str, gpu: str, t: EngineTypeTable) -> EngineType:
             f"(KV room for {perf.kv_capacity_tokens} tokens)"
         )
     return EngineType(model, gpu, t.gpus, cap.prompt_tokens_per_s, t.startup_min)
+
+
+# What the planner imports beyond the gateway's own dependencies (the `planner` extra).
+PLANNER_MODULES = ("numpy", "statsmodels", "threadpoolctl", "pulp")
+
+
+def missing_extra(actuator: str | None = None) -> str | None:
+    """Why the planner cannot run here, or None: a module of the `planner` extra (and the
+    Kubernetes client for that actuator) that is not installed."""
+    need = (*PLANNER_MODULES, *(("kubernetes_asyncio",) if actuator == "kubernetes" else ()))
+    missing = [m for m in need if importlib.util.find_spec(m) is None]
+    if not missing:
+        return None
+    return (f"the planner needs {', '.join(missing)}, not installed here: "
+            "pip install 'fairway-llm[planner]'")  # fmt: skip
