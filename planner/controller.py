@@ -27,10 +27,9 @@ from typing import Literal, Protocol
 
 import structlog
 
-from planner.forecast import ForecastConfig, forecast
+from planner.forecast import ForecastConfig, SlotForecast, forecast, program_demand
 from planner.ilp import Solver, SolverError, solve
 from planner.problem import (
-    BatchDemand,
     EngineType,
     GpuType,
     Infeasible,
@@ -197,31 +196,18 @@ def plan_input(
     cfg = ForecastConfig(quantile=s.quantile)
     horizon = s.slots * s.slot_minutes
     models, regions = set(s.models), set(s.regions)
-    interactive: dict[tuple[str, str], tuple[float, ...]] = {}
-    batch: list[BatchDemand] = []
     deadline = max(0, math.ceil(s.batch_deadline_min / s.slot_minutes) - 1)
+    slots: dict[DemandKey, Sequence[SlotForecast]] = {}
     for key, series in sorted(history.items()):
-        model, region, klass = key
+        model, region, _ = key
         if model not in models or region not in regions or not series:
             continue
         f = forecast(series, horizon, cfg)
         if methods is not None:
             methods[key] = f.method
-        slots = f.slots(s.slot_minutes)
-        if klass == "batch":
-            # Delay-tolerant: its mean work, due `batch_deadline_min` later (within the
-            # horizon), anywhere: SageServe moves it to where capacity idles.
-            for i, sl in enumerate(slots):
-                tokens = sl.point * s.slot_minutes
-                if tokens > 0:
-                    batch.append(BatchDemand(f"{model}/{region}/{i}", model, tokens,
-                                             min(i + deadline, s.slots - 1), i))  # fmt: skip
-            continue
-        # Per minute -> per second; a model's classes and replicas add up.
-        old = interactive.get((model, region), (0.0,) * s.slots)
-        interactive[model, region] = tuple(
-            o + sl.upper / 60 for o, sl in zip(old, slots, strict=True)
-        )
+        slots[key] = f.slots(s.slot_minutes)
+    # Series per minute; batch due within the horizon.
+    interactive, batch = program_demand(slots, s.slot_minutes, deadline, 60.0, s.slots - 1)
     known = {(e.model, e.gpu) for e in s.engines}
     current = tuple(
         RunningEngine(e.model, e.region, e.gpu, max(0.0, (now - e.started_at) / 60))
@@ -230,7 +216,7 @@ def plan_input(
     )
     return PlanInput(
         regions=s.regions, gpus=s.gpus, engines=s.engines, slots=s.slots,
-        slot_minutes=float(s.slot_minutes), interactive=interactive, batch=tuple(batch),
+        slot_minutes=float(s.slot_minutes), interactive=interactive, batch=batch,
         quotas=s.quotas, current=current, headroom=s.headroom, min_engines=s.min_engines,
     )  # fmt: skip
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Literal
@@ -20,6 +20,8 @@ import numpy as np
 import numpy.typing as npt
 from statsmodels.tsa.arima.model import ARIMA
 from threadpoolctl import threadpool_limits
+
+from planner.problem import BatchDemand
 
 Method = Literal["arima", "seasonal-naive", "level", "none"]
 
@@ -86,6 +88,38 @@ class Forecast:
             u = self.upper[i : i + slot_minutes]
             out.append(SlotForecast(point=sum(p) / len(p), upper=max(u)))
         return tuple(out)
+
+
+def program_demand(
+    forecasts: Mapping[tuple[str, str, str], Sequence[SlotForecast]],
+    slot_minutes: float,
+    deadline_slots: int,
+    seconds_per_unit: float,
+    last_slot: int | None = None,
+) -> tuple[dict[tuple[str, str], tuple[float, ...]], tuple[BatchDemand, ...]]:
+    """The integer program's demand from per-slot forecasts of (model, region, class) series
+    in tokens per `seconds_per_unit` seconds: interactive tokens/s per (model, region) at the
+    upper quantile, and each slot's expected batch work as one `BatchDemand`, released in its
+    slot and due `deadline_slots` later (at most `last_slot`), in any region: SageServe moves
+    it to where capacity idles."""
+    interactive: dict[tuple[str, str], tuple[float, ...]] = {}
+    batch: list[BatchDemand] = []
+    per_minute = 60 / seconds_per_unit
+    for (model, region, klass), slots in forecasts.items():
+        if klass == "batch":
+            for i, sl in enumerate(slots):
+                tokens = sl.point * slot_minutes * per_minute
+                if tokens > 0:
+                    due = i + deadline_slots
+                    if last_slot is not None:
+                        due = min(due, last_slot)
+                    batch.append(BatchDemand(f"{model}/{region}/{i}", model, tokens, due, i))
+            continue
+        old = interactive.get((model, region), (0.0,) * len(slots))
+        interactive[model, region] = tuple(
+            o + sl.upper / seconds_per_unit for o, sl in zip(old, slots, strict=True)
+        )
+    return interactive, tuple(batch)
 
 
 def forecast(

@@ -27,10 +27,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from planner.forecast import Forecast, ForecastConfig, SlotForecast, forecast
+from planner.forecast import Forecast, ForecastConfig, SlotForecast, forecast, program_demand
 from planner.ilp import Solver, solve
 from planner.problem import (
-    BatchDemand,
     EngineType,
     GpuType,
     Infeasible,
@@ -332,27 +331,11 @@ class LongTerm:
     def _solve(self, now_min: int, fleet: FleetState) -> Plan | None:
         s = self.setting
         fc = self.forecaster.slots(now_min, s.slot_minutes, s.slots)
-        interactive: dict[Series, tuple[float, ...]] = {}
-        batch: list[BatchDemand] = []
         for (m, r, cls), per_slot in fc.items():
             if cls == "interactive":
-                interactive[m, r] = tuple(f.upper for f in per_slot)
                 self.slot_upper[m, r] = per_slot[0].upper
-            else:
-                # Batch expected in each slot may be served there or within its deadline (the
-                # shortest the workload gives), in any region.
-                for i, f in enumerate(per_slot):
-                    tokens = f.point * s.slot_minutes * 60
-                    if tokens > 0:
-                        batch.append(
-                            BatchDemand(
-                                f"{m}/{r}/{i}",
-                                m,
-                                tokens,
-                                deadline_slot=i + self.batch_deadline_slots,
-                                release_slot=i,
-                            )
-                        )
+        # Forecasts per second; batch due within the shortest deadline the workload gives.
+        interactive, batch = program_demand(fc, s.slot_minutes, self.batch_deadline_slots, 1.0)
         inp = PlanInput(
             regions=s.regions,
             gpus=s.gpus,
@@ -360,7 +343,7 @@ class LongTerm:
             slots=s.slots,
             slot_minutes=float(s.slot_minutes),
             interactive=interactive,
-            batch=tuple(batch),
+            batch=batch,
             quotas=s.quotas,
             current=fleet.running,
             headroom=s.headroom,
