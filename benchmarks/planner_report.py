@@ -1,0 +1,191 @@
+"""docs/PLANNER.md from the planner evaluation's results (benchmarks/planner.py): the setting,
+per-policy and per-day tables, the targets against reactive scaling and the oracle, solve times,
+forecast error and the plots."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks._common import pyplot, save_figure
+from planner.policies import Setting
+from planner.problem import GpuType
+from planner.workload import CLASSES
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+    rows = [
+        "| policy | GPU-hours | cost ($) | SLO attainment | batch missed | scale-ups | "
+        "start-up GPU-min | max solve (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        rows.append(
+            f"| {name} | {r['gpu_hours']:.1f} | {r['cost']:.0f} | "
+            f"{100 * r['slo_attainment']:.2f}% | {r['batch_missed']} of {r['batch']} | "
+            f"{r['scale_ups']} | {r['startup_gpu_minutes']:.0f} | "
+            f"{r.get('solve_max_s', float('nan')):.2f} |"
+        )
+    rows.append("")
+    rows.append(
+        "| policy | day | GPU-hours | SLO attainment | batch missed | scale-ups | "
+        "start-up GPU-min |"
+    )
+    rows.append("|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        for d in r["days"]:
+            rows.append(
+                f"| {name} | {d['day']} | {d['gpu_hours']:.1f} | "
+                f"{100 * d['slo_attainment']:.2f}% | {d['batch_missed']} of {d['batch']} "
+                f"| {d['scale_ups']} | {d['startup_gpu_min']:.0f} |"
+            )
+    return "\n".join(rows)
+
+
+def report(out: dict[str, Any], gpus: Sequence[GpuType], startup_min: Mapping[str, float]) -> str:
+    """docs/PLANNER.md from a run's JSON (`gpus` and `startup_min`: the prices and start-up
+    times it ran with): the setting, the figures, the targets met or not."""
+    pol, run = out["policies"], out["run"]
+    lines = [
+        "# Planner: SageServe's forecast-and-solve scaling against reactive scaling",
+        "",
+        f"Measured by `make bench-planner` (`benchmarks/planner.py`) on {out['machine']}: "
+        f"{out['wall_s'] / 60:.0f} minutes of wall time, two policies at a time on the two "
+        "cores. Raw figures in `docs/planner.json`; "
+        "`benchmarks/planner.py --from-json docs/planner.json` writes this page again.",
+        "",
+        "## Setting",
+        "",
+        f"- Trace: `planner/workload.py` (docs/PLANNER_WORKLOAD.md), {run['days']} days at "
+        f"`peak_rps` {run['peak_rps']:g}, seed {run['seed']}: {out['requests']:,} requests, "
+        "3 regions, 4 models, about 20% batch with deadlines of 1 to 24 h, bursts. The week "
+        "the generator builds is cut to its first days so that five policies replay in under "
+        "half an hour on two cores.",
+        "- Replay: every request goes through the gateway's own gate core on the cluster "
+        "simulator's clock (`gateway.simulate.GateFrontend`: admission, the fairness queue, "
+        "the batch feed, region-first predicted-latency routing). Engines are asked for, serve "
+        "only after their start-up time, drain, and leave; each is paid (GPUs x time) from "
+        "being asked for to leaving. Pure decode runs are coalesced exactly.",
+        f"- Engines: `max_num_seqs` {run['max_num_seqs']} (a scaled-down engine, so that a "
+        "region needs several at its peak), start-up "
+        + ", ".join(f"{g} {m:g} min" for g, m in startup_min.items())
+        + f"; GPU quotas per region A100 {run['quota_a100']}, H100 {run['quota_h100']}; prices "
+        + ", ".join(f"{g.name} ${g.cost_per_hour:g}/h" for g in gpus)
+        + ". Capacity per engine type (prompt tokens/s at the SLO, `planner/capacity.py`): "
+        + ", ".join(
+            f"{e['model']}/{e['gpu']} {e['prompt_tokens_per_s']:.0f}" for e in out["engine_types"]
+        )
+        + ".",
+        "- SLOs (interactive requests; attainment is the share meeting both TTFT and time per "
+        "output token): "
+        + ", ".join(
+            f"{m} TTFT {s['ttft_s']:g} s, TPOT {1000 * s['tpot_s']:.0f} ms"
+            for m, s in out["slo"].items()
+        )
+        + ".",
+        f"- Plans: {run['slots']} slots of {run['slot_minutes']} minutes, re-planned every "
+        "slot; forecasts (ARIMA(3,1,2) on the last four hours, seasonal-naive fallback, upper "
+        "quantile) from the minutes before the planning time only. Reactive: per (model, "
+        "region), up above 0.5 utilisation, down below 0.25, the same start-up times. LT-U "
+        "gates the plan by measured utilisation, LT-UA adds an override when demand surprises "
+        "the forecast; the oracle plans with the true future.",
+        "",
+        "## Results",
+        "",
+        table(pol),
+        "",
+    ]
+    r, o = pol.get("reactive"), pol.get("oracle")
+    if r and o:
+        lines += [
+            "## Targets",
+            "",
+            "| policy | GPU-hours vs reactive | vs oracle | SLO vs "
+            "reactive | batch missed | scale-ups vs reactive |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name in ("lt-i", "lt-u", "lt-ua"):
+            if name not in pol:
+                continue
+            q = pol[name]
+            lines.append(
+                f"| {name} | {100 * (q['gpu_hours'] / r['gpu_hours'] - 1):+.1f}% (target <= "
+                f"-25%) | {100 * (q['gpu_hours'] / o['gpu_hours'] - 1):+.1f}% (target <= +10%) "
+                f"| {100 * (q['slo_attainment'] - r['slo_attainment']):+.2f} points | "
+                f"{q['batch_missed']} | {q['scale_ups']} vs {r['scale_ups']} |"
+            )
+        solvers = out.get("solvers_busiest_program_s", {})
+        lines += [
+            "",
+            "Solve time of the busiest 3 regions x 4 models x 2 GPU types x 12 slots program: "
+            + ", ".join(f"{k} {v:.2f} s" for k, v in solvers.items())
+            + f" (target under 1 s). The largest solve of the whole run took {out['solve_s']:.1f} "
+            "s, on a machine shared by two replays at once; a program with no feasible plan is "
+            "solved a second time, as an elastic copy that names its shortfalls, and the two "
+            "are not timed apart ("
+            + ", ".join(
+                f"{n} {q.get('infeasible', 0)}" for n, q in pol.items() if "infeasible" in q
+            )
+            + " infeasible plans).",
+            "",
+        ]
+    fc = out.get("forecast", {})
+    if fc:
+        lines += [
+            "## Forecast error (interactive prompt tokens per minute, at each planning "
+            "time over its horizon)",
+            "",
+            "| series | sMAPE | MAPE |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {k} | {100 * v['smape']:.1f}% | {100 * v['mape']:.1f}% |"
+                  for k, v in fc.items()]  # fmt: skip
+        lines.append("")
+    lines += ["## Engines against demand", ""]
+    lines += [f"![{p}]({p})" for p in out.get("plots", [])]
+    return "\n".join(lines) + "\n"
+
+
+def plot(
+    results: dict[str, dict[str, Any]],
+    series: dict[tuple[str, str, str], list[float]],
+    st: Setting,
+    days: int,
+    docs: Path,
+) -> list[str]:
+    """Engines (as GPUs allocated and serving) against demand per region, one figure per
+    policy, into `docs`; the file names."""
+    plt = pyplot()
+    names = []
+    for name, res in results.items():
+        fig, axes = plt.subplots(
+            len(st.regions), 1, figsize=(12, 2.6 * len(st.regions)), sharex=True
+        )
+        minutes = np.array([s[0] for s in res["samples"]])
+        for ax, r in zip(axes, st.regions, strict=True):
+            demand = sum(np.array(series[m, r, c]) for m in st.models for c in CLASSES)
+            demand = demand[: days * 1440]
+            hours = np.arange(demand.size) / 60
+            ax.plot(hours, demand / 1000, lw=0.4, color="0.6", label="demand (k prompt tok/s)")
+            ax2 = ax.twinx()
+            for at, lw, color, label in ((1, 0.9, "C3", "GPUs allocated"),
+                                         (2, 0.7, "C0", "GPUs serving")):  # fmt: skip
+                counts = [sample[at].get(r, 0) for sample in res["samples"]]
+                ax2.step(minutes / 60, counts, where="post", lw=lw, color=color, label=label)
+            ax.set_ylabel(f"{r}\nk tok/s")
+            ax2.set_ylabel("GPUs")
+            if r == st.regions[0]:
+                ax.legend(loc="upper left", fontsize=8)
+                ax2.legend(loc="upper right", fontsize=8)
+        axes[-1].set_xlabel("hour")
+        axes[0].set_title(
+            f"{name}: {res['gpu_hours']:.0f} GPU-hours, SLO attainment "
+            f"{100 * res['slo_attainment']:.2f}%"
+        )
+        path = docs / f"planner_{name}.png"
+        save_figure(fig, path)
+        names.append(path.name)
+    return names
