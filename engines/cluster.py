@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from engines.perf_model import PerfModel
+from engines.perf_model import DecodeRun, PerfModel
 from engines.sim.scheduler import Scheduler, Sequence, StepPlan
 
 
@@ -81,75 +81,6 @@ class Job:
         if self.finished is None or self.first_token is None or self.generated < 2:
             return None
         return (self.finished - self.first_token) / (self.generated - 1)
-
-
-@dataclass(slots=True)
-class DecodeRun:
-    """`steps` pure decode steps of `batch` sequences holding `cached` KV tokens in all when
-    the run starts at `t0`. Step j (1-based) reads cached + j x batch KV tokens, so its compute
-    and memory times are each linear in j and its time is the larger plus the fixed cost:
-    `PerfModel.step_time_totals` summed in closed form, so a run of any length costs O(1)."""
-
-    t0: float
-    steps: int
-    batch: int
-    # Step j's compute time is c0 + c1 j, its memory time m0 + m1 j; `over` is the fixed cost.
-    c0: float
-    c1: float
-    m0: float
-    m1: float
-    over: float
-
-    @classmethod
-    def plan(cls, perf: PerfModel, t0: float, steps: int, batch: int, cached: int) -> DecodeRun:
-        m, g, eff = perf.model, perf.gpu, perf.eff
-        flops_s = g.peak_flops * eff.compute * perf.tp
-        bytes_s = g.hbm_bandwidth * eff.bandwidth * perf.tp
-        attn = 4.0 * m.layers * m.heads * m.head_dim
-        kv = m.kv_bytes_per_token
-        # pairs = kv_read = cached + j x batch (one new token each, attending to all before it)
-        c0 = (2.0 * m.params * batch + attn * cached) / flops_s
-        c1 = attn * batch / flops_s
-        m0 = (m.weight_bytes + (cached + batch) * kv) / bytes_s
-        m1 = kv * batch / bytes_s
-        return cls(t0, steps, batch, c0, c1, m0, m1, eff.step_overhead_s)
-
-    def elapsed(self, n: int) -> float:
-        """Seconds for the run's first `n` steps."""
-        if n <= 0:
-            return 0.0
-        # max(c, m) of two lines: the memory line leads while j < cross (decode is memory
-        # bound until the context grows), the compute line after, or one leads throughout.
-        if self.c1 == self.m1:
-            cross = 0 if self.c0 >= self.m0 else n
-        else:
-            cross = min(n, max(0, math.floor((self.m0 - self.c0) / (self.c1 - self.m1))))
-            if self.c1 < self.m1:  # compute leads first, memory after
-                k = min(n, max(0, math.floor((self.c0 - self.m0) / (self.m1 - self.c1))))
-                return _line(self.c0, self.c1, 0, k) + _line(self.m0, self.m1, k, n) + n * self.over
-        return _line(self.m0, self.m1, 0, cross) + _line(self.c0, self.c1, cross, n) + n * self.over
-
-    def end(self) -> float:
-        return self.t0 + self.elapsed(self.steps)
-
-    def steps_by(self, t: float) -> int:
-        """Steps ended by time `t`, the one in progress at `t` counted as ended (the smallest
-        n whose end is at or after `t`)."""
-        lo, hi = 1, self.steps
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if self.t0 + self.elapsed(mid) >= t:
-                hi = mid
-            else:
-                lo = mid + 1
-        return lo
-
-
-def _line(a: float, b: float, lo: int, hi: int) -> float:
-    """Sum of a + b j over j = lo + 1 .. hi."""
-    if hi <= lo:
-        return 0.0
-    return a * (hi - lo) + b * (hi * (hi + 1) - lo * (lo + 1)) / 2
 
 
 @dataclass(slots=True, eq=False)
