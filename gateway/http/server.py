@@ -29,8 +29,11 @@ class HeadDeadline(RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if not self._awaiting_head():
-            self._cancel_head_timer()
+        # `_awaiting_head()` and `_cancel_head_timer()` inlined: this runs for every read.
+        if self._messages or self._request_in_progress:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
         elif data and self._head_timer is None:
             loop = asyncio.get_running_loop()
             self._head_timer = loop.call_later(self._head_deadline, self._head_expired)
