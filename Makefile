@@ -66,7 +66,7 @@ bench-fairness: setup
 OTHERS := .bench
 bench-all: setup $(OTHERS)/litellm/bin/litellm $(OTHERS)/vllm-router/bin/vllm-router
 	$(BIN)/python benchmarks/gateway_overhead.py --litellm $(OTHERS)/litellm/bin/litellm \
-		--vllm-router $(OTHERS)/vllm-router/bin/vllm-router
+		--vllm-router $(OTHERS)/vllm-router/bin/vllm-router --gc-off
 
 $(OTHERS)/litellm/bin/litellm:
 	$(PYTHON) -m venv $(OTHERS)/litellm

@@ -24,6 +24,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -77,13 +78,14 @@ def process(
             proc.wait()
 
 
-def fairway_config(engines: list[str], path: Path) -> None:
+def fairway_config(engines: list[str], path: Path, tune_gc: bool = True) -> None:
     """Fairway with one tenant, acme, holding the benchmark's key, and `engines` behind it.
     Its concurrency cap is off, as the other proxies have none: 512 streams are twice the
-    default `max_concurrent`."""
+    default `max_concurrent`. `tune_gc` False: Python's garbage-collector defaults."""
     acme = {"apps.chat": {}, "keys": [{"sha256": KEY_DIGEST, "app": "chat"}], "max_concurrent": 0}
     tables = [
         toml_table("logging", {"level": "warning"}),
+        *([] if tune_gc else [toml_table("server", {"tune_gc": False})]),
         toml_table("tenants.acme", acme),
         *(engine_table("local", MODEL, kind="vllm", url=url) for url in engines),
     ]
@@ -122,15 +124,22 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-@contextlib.contextmanager
-def start_fairway(engines: list[str], work: Path) -> Iterator[tuple[str, int]]:
-    cfg = work / "fairway.toml"
-    fairway_config(engines, cfg)
-    port = free_port()
-    cmd = [PY, "-m", "gateway.cli", "serve", "--config", str(cfg), "--port", str(port)]
-    url = f"http://127.0.0.1:{port}"
-    with process(cmd, f"{url}/healthz", work / "fairway.log") as proc:
-        yield url, proc.pid
+def fairway_starter(tune_gc: bool = True) -> Starter:
+    @contextlib.contextmanager
+    def start(engines: list[str], work: Path) -> Iterator[tuple[str, int]]:
+        name = "fairway" if tune_gc else "fairway-gc-off"
+        cfg = work / f"{name}.toml"
+        fairway_config(engines, cfg, tune_gc)
+        port = free_port()
+        cmd = [PY, "-m", "gateway.cli", "serve", "--config", str(cfg), "--port", str(port)]
+        url = f"http://127.0.0.1:{port}"
+        with process(cmd, f"{url}/healthz", work / f"{name}.log") as proc:
+            yield url, proc.pid
+
+    return start
+
+
+start_fairway = fairway_starter()
 
 
 def litellm_starter(binary: str) -> Starter:
@@ -257,6 +266,11 @@ def main() -> None:
     p.add_argument("--output", default=str(ROOT / "docs" / "BENCHMARKS.md"))
     p.add_argument("--quick", action="store_true", help="2 s cells, no file written")
     p.add_argument("--from-json", default=None, help="re-render the report of an earlier run")
+    p.add_argument(
+        "--gc-off",
+        action="store_true",
+        help="also Fairway with [server] tune_gc = false (Python's GC defaults)",
+    )
     p.add_argument("--py-spy", default=None, help="profile Fairway at the most clients into DIR")
     args = p.parse_args()
     if args.from_json:
@@ -267,6 +281,8 @@ def main() -> None:
     rounds = 1 if args.quick else args.rounds
     clients = [int(c) for c in args.clients.split(",")]
     starters: dict[str, Starter] = {"fairway": start_fairway}
+    if args.gc_off:
+        starters["fairway-gc-off"] = fairway_starter(tune_gc=False)
     if args.litellm:
         starters["litellm"] = litellm_starter(args.litellm)
     if args.vllm_router:
@@ -333,9 +349,14 @@ def main() -> None:
 
 
 def write_report(data: dict[str, Any], output: Path) -> None:
+    """Write the page; the sections other benchmarks keep in it (between `<!-- name -->` and
+    `<!-- /name -->`: scale, replicas) stay as they are."""
     doc = render(data)
     print("\n".join(doc))
-    output.write_text("\n".join(doc) + "\n")
+    text = output.read_text() if output.exists() else ""
+    pattern = re.compile(r"<!-- (\w[\w-]*) -->.*?<!-- /\1 -->", re.S)
+    sections = [m.group(0) for m in pattern.finditer(text)]
+    output.write_text("\n".join(doc) + "\n" + "".join(f"\n{x}\n" for x in sections))
     print(f"\nwrote {output}")
 
 
@@ -366,7 +387,8 @@ def render(data: dict[str, Any]) -> list[str]:
         "SSE event; e2e to `data: [DONE]`. `direct` spreads requests over the engines round",
         "robin from the client. Proxy CPU is the proxy process's user",
         "and system time over the cell divided by the requests it served. LiteLLM runs with one",
-        "worker, no database and no callbacks; vllm-router with round robin.",
+        "worker, no database and no callbacks; vllm-router with round robin. `fairway-gc-off`",
+        "is Fairway with `[server] tune_gc = false`, to show what that setting is worth.",
         "",
         "### Summary",
         "",
@@ -414,6 +436,24 @@ def summary(results: dict[str, list[dict[str, Any]]]) -> list[str]:
                 parts.append(f"{name} {r['rps']:.0f} req/s ({r['rps'] / base['rps']:.2f}x)")
         out.append(f"- Highest sustained rate, {clients} saturated streams, against direct "
                    f"{base['rps']:.0f} req/s: " + ", ".join(parts) + ".")  # fmt: skip
+    fw, vr = cell("saturated", "fairway", 512), cell("saturated", "vllm-router", 512)
+    if fw and vr and vr["rps"]:
+        ratio = fw["rps"] / vr["rps"]
+        verdict = "met" if ratio >= 1.1 else "not met"
+        out.append(f"- Fairway against vllm-router at 512 saturated streams: {ratio:.2f}x "
+                   f"(target at least 1.1x: {verdict}).")  # fmt: skip
+    off = cell("saturated", "fairway-gc-off", 512)
+    if fw and off and off["rps"]:
+        out.append(f"- What made the difference: with `[server] tune_gc = false` (Python's "
+                   f"garbage-collector defaults) Fairway serves {off['rps']:.0f} req/s at 512 "
+                   f"saturated streams at {off['cpu_ms']:.2f} ms of CPU a request, against "
+                   f"{fw['rps']:.0f} req/s at {fw['cpu_ms']:.2f} ms with it "
+                   f"({fw['rps'] / off['rps']:.2f}x).")  # fmt: skip
+    d64, vr64 = cell("paced", "direct", 64), cell("paced", "vllm-router", 64)
+    if d64 and vr64 and fairway:
+        out.append(f"- Added p50 TTFT at 64 paced streams, vllm-router: "
+                   f"{vr64['ttft_p50_ms'] - d64['ttft_p50_ms']:.2f} ms; Fairway "
+                   f"{fairway['ttft_p50_ms'] - d64['ttft_p50_ms']:.2f} ms.")  # fmt: skip
     parts = []
     for name in names:
         r = cell("paced", name, 64)

@@ -80,3 +80,18 @@ def test_least_outstanding_prefers_idle_then_rotates() -> None:
     assert policy.choose(info, [snap("a", 1, waiting=4), snap("b", 1)]) == "b"
     equal = [snap("a", 0), snap("b", 0), snap("c", 0)]
     assert {policy.choose(info, equal) for _ in range(3)} == {"a", "b", "c"}
+
+
+def test_tune_gc_freezes_start_up_objects_and_raises_the_young_threshold() -> None:
+    import gc
+
+    from gateway.http.serve import _tune_gc
+
+    before = gc.get_threshold()
+    try:
+        _tune_gc()
+        assert gc.get_freeze_count() > 1000  # the modules, config and tables built so far
+        assert gc.get_threshold() == (20_000, 20, 100)
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

@@ -98,6 +98,9 @@ class ServerConfig:
     send_buffer_bytes: Annotated[StrictInt, Field(ge=0)] = 0
     # From a request head's first byte to its last; past it, 408 and the connection closes.
     head_timeout_s: Positive = 15.0
+    # Once listening, freeze start-up objects out of the cyclic garbage collector and collect
+    # young objects less often (gateway.http.serve); off: Python's defaults.
+    tune_gc: StrictBool = True
 
 
 def _random_if_negative(seed: int | None) -> int | None:

@@ -71,7 +71,8 @@ async def serve(
         listening = await loop.create_server(connection, host, port, backlog=backlog,
                                              reuse_address=True,
                                              reuse_port=reuse_port or None)  # fmt: skip
-        _tune_gc()
+        if app[GATEWAY].cfg.server.tune_gc:
+            _tune_gc()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
