@@ -19,7 +19,7 @@ from planner.workload import CLASSES
 def table(results: dict[str, dict[str, Any]]) -> str:
     rows = [
         "| policy | GPU-hours | cost ($) | SLO attainment | batch missed | scale-ups | "
-        "start-up GPU-min | max solve (s) |",
+        "start-up GPU-min | largest solve (s) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
@@ -61,9 +61,12 @@ def report(out: dict[str, Any], gpus: Sequence[GpuType], startup_min: Mapping[st
         "",
         f"- Trace: `planner/workload.py` (docs/PLANNER_WORKLOAD.md), {run['days']} days at "
         f"`peak_rps` {run['peak_rps']:g}, seed {run['seed']}: {out['requests']:,} requests, "
-        "3 regions, 4 models, about 20% batch with deadlines of 1 to 24 h, bursts. The week "
-        "the generator builds is cut to its first days so that five policies replay in under "
-        "half an hour on two cores.",
+        "3 regions, 4 models, about 20% batch with deadlines of 1 to 24 h, bursts."
+        + (
+            " The whole week the generator builds."
+            if run["days"] >= 7
+            else f" The first {run['days']} days of the week the generator builds."
+        ),
         "- Replay: every request goes through the gateway's own gate core on the cluster "
         "simulator's clock (`gateway.simulate.GateFrontend`: admission, the fairness queue, "
         "the batch feed, region-first predicted-latency routing). Engines are asked for, serve "
@@ -87,8 +90,15 @@ def report(out: dict[str, Any], gpus: Sequence[GpuType], startup_min: Mapping[st
         )
         + ".",
         f"- Plans: {run['slots']} slots of {run['slot_minutes']} minutes, re-planned every "
-        "slot; forecasts (ARIMA(3,1,2) on the last four hours, seasonal-naive fallback, upper "
-        "quantile) from the minutes before the planning time only. Reactive: per (model, "
+        "slot; forecasts (ARIMA(3,1,2) on the last four hours, seasonal-naive fallback) of "
+        f"{run.get('smooth_min', 1)}-minute means, from the minutes before the planning time "
+        f"only; a slot is sized for the largest upper {run.get('quantile', 0.95):g} quantile "
+        "in it, plus 20% headroom. The oracle sizes each slot for its busiest "
+        f"{run.get('smooth_min', 1)}-minute mean of the true demand, with the same headroom. "
+        "Demand of a plan's first slot that the engines already running cannot meet (those "
+        "asked for now serve only after their start-up) is planned as a penalised, reported "
+        "shortfall, so a program is infeasible only when a quota or a batch deadline binds. "
+        "Reactive: per (model, "
         "region), up above 0.5 utilisation, down below 0.25, the same start-up times. LT-U "
         "gates the plan by measured utilisation, LT-UA adds an override when demand surprises "
         "the forecast; the oracle plans with the true future.",
@@ -118,20 +128,37 @@ def report(out: dict[str, Any], gpus: Sequence[GpuType], startup_min: Mapping[st
                 f"{q['batch_missed']} | {q['scale_ups']} vs {r['scale_ups']} |"
             )
         solvers = out.get("solvers_busiest_program_s", {})
+        lt = {n: q for n, q in pol.items() if "plans" in q}
         lines += [
             "",
-            "Solve time of the busiest 3 regions x 4 models x 2 GPU types x 12 slots program: "
+            "Solve time of the busiest 3 regions x 4 models x 2 GPU types x 12 slots program "
+            "(best of three, one process): "
             + ", ".join(f"{k} {v:.2f} s" for k, v in solvers.items())
-            + f" (target under 1 s). The largest solve of the whole run took {out['solve_s']:.1f} "
-            "s, on a machine shared by two replays at once; a program with no feasible plan is "
-            "solved a second time, as an elastic copy that names its shortfalls, and the two "
-            "are not timed apart ("
-            + ", ".join(
-                f"{n} {q.get('infeasible', 0)}" for n, q in pol.items() if "infeasible" in q
-            )
-            + " infeasible plans).",
+            + " (target under 1 s).",
+            "",
+            "Every plan of the run, timed apart (wall time of building and solving each "
+            "program; two replays share the two cores; each solve stops at "
+            f"{out.get('time_limit_s', 10):g} s with the best plan found so far):",
+            "",
+            "| policy | plans | largest solve (s) | p99 (s) | mean (s) | cut by the time limit "
+            "| start-up shortfalls | infeasible | largest elastic re-solve (s) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {n} | {q['plans']} | {q['solve_max_s']:.2f} | {q['solve_p99_s']:.2f} | "
+            f"{q['solve_mean_s']:.2f} | {q['not_optimal']} | {q['startup_short']} | "
+            f"{q['infeasible']} | {q['elastic_max_s']:.2f} |"
+            for n, q in lt.items()
+        ]
+        lines += [
+            "",
+            "Start-up shortfalls: plans whose first slot asks for more than the engines running "
+            "can give; the plan keeps them all and starts the rest. Infeasible: a quota or a "
+            "batch deadline binds; the program is then solved again as an elastic copy that "
+            "names what must be missed.",
             "",
         ]
+    lines += _variants(out.get("forecast_variants"))
     fc = out.get("forecast", {})
     if fc:
         lines += [
@@ -147,6 +174,31 @@ def report(out: dict[str, Any], gpus: Sequence[GpuType], startup_min: Mapping[st
     lines += ["## Engines against demand", ""]
     lines += [f"![{p}]({p})" for p in out.get("plots", [])]
     return "\n".join(lines) + "\n"
+
+
+def _variants(v: dict[str, Any] | None) -> list[str]:
+    """What the forecast is smoothed over and which quantile it plans for: lt-i on shorter
+    runs, each against the oracle of its own trace."""
+    if not v:
+        return []
+    lines = [
+        "## Choosing the forecast: smoothing and quantile",
+        "",
+        v["setting"],
+        "",
+        "| trace | forecast of | quantile | lt-i GPU-hours | vs oracle | lt-i SLO | oracle SLO "
+        "| reactive SLO |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in v["runs"]:
+        reactive = r.get("reactive_slo")
+        lines.append(
+            f"| {r['trace']} | {r['smooth_min']}-minute means | {r['quantile']:g} | "
+            f"{r['gpu_hours']:.1f} | {100 * (r['gpu_hours'] / r['oracle_gpu_hours'] - 1):+.1f}% "
+            f"| {100 * r['slo_attainment']:.2f}% | {100 * r['oracle_slo']:.2f}% | "
+            + (f"{100 * reactive:.2f}% |" if reactive is not None else "not run |")
+        )
+    return [*lines, "", v["reading"], ""]
 
 
 def plot(

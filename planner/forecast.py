@@ -4,6 +4,11 @@ A series is one value per minute (prompt tokens of one model, region and class, 
 forecasts). `forecast(history, horizon)` sees only `history`, whose last value is the minute
 just ended: nothing after it can leak in. The plan sizes engines for a high quantile of the
 forecast, not its mean, because an engine asked for late cannot serve for minutes.
+
+With `smooth_min` > 1 the series is first cut into blocks of that many minutes (the newest
+block ends at the last minute) and the block means are forecast: a quantile of the demand a
+queue has to absorb over a few minutes, not of one minute's count, which at a few requests a
+minute is mostly Poisson noise that no forecast can follow.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import math
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from statistics import NormalDist
 from typing import Literal
 
@@ -43,12 +48,19 @@ class ForecastConfig:
     # A fit whose forecast passes this multiple of the window's peak has diverged (an explosive
     # AR root, a trend extrapolated from a burst): the fallback serves instead.
     max_ratio: float = 4.0
+    # Minutes averaged into one forecast step (1: per minute); `window`, `min_history`,
+    # `seasons` and `level_window` stay in minutes.
+    smooth_min: int = 1
 
     def __post_init__(self) -> None:
         if not 0.5 <= self.quantile < 1:
             raise ValueError(f"quantile must be in [0.5, 1), got {self.quantile}")
-        if self.window < 2 * sum(self.order) + 2:
-            raise ValueError(f"window must be > 2 x the ARIMA order, got {self.window}")
+        if self.smooth_min < 1:
+            raise ValueError(f"smooth_min must be >= 1, got {self.smooth_min}")
+        if self.window // self.smooth_min < 2 * sum(self.order) + 2:
+            raise ValueError(
+                f"window must be > 2 x the ARIMA order in steps of smooth_min, got {self.window}"
+            )
         if self.max_ratio <= 0:
             raise ValueError(f"max_ratio must be > 0, got {self.max_ratio}")
         if self.min_history < 1 or self.maxiter < 1 or self.level_window < 1:
@@ -67,7 +79,8 @@ class SlotForecast:
 
 @dataclass(frozen=True, slots=True)
 class Forecast:
-    """Per-minute forecast over the horizon, in the series' unit; `upper` >= `point` >= 0."""
+    """Per-minute forecast over the horizon, in the series' unit; `upper` >= `point` >= 0.
+    Made with `smooth_min` > 1, every minute of a block carries the block's forecast."""
 
     method: Method
     point: tuple[float, ...]
@@ -138,15 +151,30 @@ def forecast(
     if y.ndim != 1 or not np.all(np.isfinite(y)):
         raise ValueError("history must be a flat sequence of finite numbers")
     result: tuple[Method, npt.NDArray[np.float64], npt.NDArray[np.float64]] | None = None
+    w = cfg.smooth_min
+    steps = -(-horizon // w)
+    if w > 1:
+        # Whole blocks only, aligned on the newest minute: the oldest partial block goes.
+        y = y[len(y) % w :].reshape(-1, w).mean(axis=1)
+        cfg = replace(
+            cfg,
+            window=cfg.window // w,
+            min_history=-(-cfg.min_history // w),
+            seasons=tuple(s // w for s in cfg.seasons if s % w == 0),
+            level_window=-(-cfg.level_window // w),
+            smooth_min=1,
+        )
     if len(y) >= cfg.min_history:
-        result = _arima(y[-cfg.window :], horizon, cfg)
+        result = _arima(y[-cfg.window :], steps, cfg)
     if result is None:
-        result = _seasonal_naive(y, horizon, cfg)
+        result = _seasonal_naive(y, steps, cfg)
     if result is None:
-        result = _level(y, horizon, cfg)
+        result = _level(y, steps, cfg)
     method, point, upper = result
     point = np.maximum(point, 0.0)
     upper = np.maximum(upper, point)
+    if w > 1:
+        point, upper = np.repeat(point, w)[:horizon], np.repeat(upper, w)[:horizon]
     return Forecast(
         method=method,
         point=tuple(float(v) for v in point),
@@ -201,9 +229,10 @@ def _seasonal_naive(
         return None
     # Minute n - 1 + h one season back sits at index n - 1 + h - s, inside the history.
     point = np.mean([y[n - 1 + steps - s] for s in lags], axis=0)
-    # The spread is that of this very method's errors over the last day it can be checked on.
+    # The spread is that of this very method's errors over the last day (the shortest season
+    # given) it can be checked on.
     shortest = min(lags)
-    checked = np.arange(max(shortest, n - DAY_MIN), n)
+    checked = np.arange(max(shortest, n - min(cfg.seasons)), n)
     if len(checked) >= 2:
         errors = y[checked] - y[checked - shortest]
         spread = float(np.quantile(errors, cfg.quantile))

@@ -15,8 +15,13 @@ GPU type) in every slot.
 Objective: GPU-hours x price, plus for every engine started its start-up GPU-hours (the waste
 SageServe counts), plus churn for every engine added or removed.
 
-When no plan meets every demand, an elastic copy (shortfall variables on every demand) finds
-the least that must be missed and names the binding constraint: `Infeasible`.
+Demand in the first slots, before any engine asked for now can serve, that the engines running
+then cannot meet is no fault of the plan: a penalised slack (`late`, at most that gap, priced
+above any engine) takes it, and the plan names it (`Plan.shortfalls`, kind "startup"). So the
+program is infeasible only when a quota or a batch deadline binds; then an elastic copy
+(shortfall variables on every demand) finds the least that must be missed and names the
+binding constraint: `Infeasible`. Every solve stops at `time_limit_s` with the best plan found
+so far (`Plan.optimal` False).
 """
 
 from __future__ import annotations
@@ -74,7 +79,10 @@ def solve(
             return prog.plan(solver, status == pulp.LpSolutionOptimal, solve_s, build_s)
         if status != pulp.LpSolutionInfeasible:
             raise SolverError(f"{solver}: {pulp.LpSolution[status]} within {time_limit_s} s")
-    raise _explain(inp, solver, time_limit_s, gap_rel)
+    first_s = time.perf_counter() - t0  # building and solving the program found infeasible
+    err = _explain(inp, solver, time_limit_s, gap_rel)
+    err.first_solve_s = first_s
+    raise err
 
 
 def _run(
@@ -94,6 +102,10 @@ def _run(
         prob.solve(backend)
     except pulp.PulpSolverError as e:
         raise SolverError(f"{solver}: {e}") from e
+    if prob.status == pulp.LpStatusInfeasible:
+        # CBC proving infeasibility in presolve leaves the solution "not found"; the status
+        # says why.
+        return pulp.LpSolutionInfeasible, time.perf_counter() - t0
     return int(prob.sol_status), time.perf_counter() - t0
 
 
@@ -175,6 +187,7 @@ class _Program:
                     # The slot's batch rate in units.
                     self.x[b.id, r, s] = add(f"x_{j}_{ri}_{s}", 0)
         self.short: dict[tuple[str, str, int], pulp.LpVariable] = {}
+        self.late: dict[tuple[str, str, int], pulp.LpVariable] = {}
         self.unserved: dict[str, pulp.LpVariable] = {}
         if self.elastic:
             for mi, m in enumerate(self.by_model):
@@ -220,8 +233,17 @@ class _Program:
         for (bid, r, s), v in self.x.items():
             batch_rate[by_id[bid].model, r, s].append(v)
         missed = []
+        # A unit of demand left to the start-up slack costs more than the dearest engine over
+        # the whole horizon: the plan keeps every engine that can serve before it leaves any.
+        late_price = (
+            10
+            * max(price[e.gpu] * e.gpus for e in inp.engines)
+            * (inp.slots * inp.slot_minutes / 60)
+        )
+        late_cost = []
         for m, types in self.by_model.items():
             unit = self.unit[m]
+            first = min(inp.delay_slots(e) for e in types)
             for r in inp.regions:
                 demand = inp.interactive.get((m, r), (0.0,) * inp.slots)
                 for s in self.slots:
@@ -236,11 +258,18 @@ class _Program:
                         # Shortfalls are weighed in units, so every model's count alike.
                         have += self.short[m, r, s]
                         missed.append(self.short[m, r, s])
+                    elif s < first and need > (now := self._ready_units(m, r, s)) + 1e-9:
+                        # No engine asked for now serves yet: what those running then cannot
+                        # give is left to the slack, never to a quota.
+                        late = self.prob.add_variable(f"late_{len(self.late)}", 0, need - now)
+                        self.late[m, r, s] = late
+                        have += late
+                        late_cost.append(late_price * late)
                     prob += have >= need + pulp.lpSum(rate)
                     # Engines are whole and none exceeds one unit, so at least ceil(need) of
                     # them serve: a rounding cut the relaxation lacks (it closes most of the
                     # gap between the LP bound and the integer optimum).
-                    if need > 0 and not self.elastic:
+                    if need > 0 and not self.elastic and (m, r, s) not in self.late:
                         prob += pulp.lpSum(self.ready[(m, r, e.gpu), s] for e in types) >= (
                             math.ceil(need - 1e-9)
                         )
@@ -271,12 +300,20 @@ class _Program:
                 continue
             prob += (done == work) if due else (done <= work)
         self.missed = pulp.lpSum(missed)
-        prob.setObjective(self.cost)
+        self.late_cost = pulp.lpSum(late_cost)
+        prob.setObjective(self.cost + self.late_cost)
 
     def ready_now(self, k: Key, s: int) -> int:
         """Engines running now that serve through slot s with no new start."""
         start = s * self.inp.slot_minutes
         return sum(count for left, count in self.starting[k] if left <= start + 1e-9)
+
+    def _ready_units(self, m: str, r: str, s: int) -> float:
+        """What the engines running now can serve in slot s, in units."""
+        return sum(
+            e.tokens_per_s / self.unit[m] * self.ready_now((m, r, e.gpu), s)
+            for e in self.by_model[m]
+        )
 
     # Reading the solution --------------------------------------------------------------
 
@@ -318,6 +355,11 @@ class _Program:
             optimal=optimal,
             solve_s=solve_s,
             build_s=build_s,
+            shortfalls=tuple(
+                self._startup_shortfall(m, r, s, float(v.value() or 0.0) * self.unit[m])
+                for (m, r, s), v in self.late.items()
+                if (v.value() or 0.0) > _NEGLIGIBLE
+            ),
         )
 
     def shortfalls(self) -> tuple[Shortfall, ...]:
@@ -326,19 +368,13 @@ class _Program:
             if (v.value() or 0.0) <= _NEGLIGIBLE:
                 continue
             miss = float(v.value() or 0.0) * self.unit[m]
-            fastest = min(self.by_model[m], key=inp.delay_slots)
-            first = inp.delay_slots(fastest)
-            have = sum(e.tokens_per_s * self.ready_now((m, r, e.gpu), s) for e in self.by_model[m])
+            first = min(inp.delay_slots(e) for e in self.by_model[m])
+            have = self._ready_units(m, r, s) * self.unit[m]
             need = (1 + inp.headroom) * inp.interactive.get((m, r), (0.0,) * inp.slots)[s]
             # Before any new engine can serve, only the running ones can; if even they would
             # do, it is the quota that forbids keeping them.
             if s < first and have < need:
-                detail = (
-                    f"{m} in {r}, slot {s}: {miss:.0f} tokens/s short; engines asked for now "
-                    f"serve from slot {first} ({fastest.startup_min:g} min start-up on "
-                    f"{fastest.gpu}) and those running give {have:.0f} tokens/s"
-                )
-                out.append(Shortfall("startup", m, r, s, miss, detail))
+                out.append(self._startup_shortfall(m, r, s, miss))
             else:
                 detail = (
                     f"{m} in {r}, slot {s}: {miss:.0f} tokens/s short; GPU quota of {r} "
@@ -366,6 +402,16 @@ class _Program:
             )
             out.append(Shortfall("deadline", b.model, None, b.deadline_slot, miss, detail))
         return tuple(out)
+
+    def _startup_shortfall(self, m: str, r: str, s: int, miss: float) -> Shortfall:
+        fastest = min(self.by_model[m], key=self.inp.delay_slots)
+        have = self._ready_units(m, r, s) * self.unit[m]
+        detail = (
+            f"{m} in {r}, slot {s}: {miss:.0f} tokens/s short; engines asked for now serve "
+            f"from slot {self.inp.delay_slots(fastest)} ({fastest.startup_min:g} min start-up "
+            f"on {fastest.gpu}) and those running give {have:.0f} tokens/s"
+        )
+        return Shortfall("startup", m, r, s, miss, detail)
 
     def _quota_use(self, region: str, s: int) -> str:
         s = min(s, self.inp.slots - 1)

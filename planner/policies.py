@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from planner.forecast import Forecast, ForecastConfig, SlotForecast, forecast, program_demand
-from planner.ilp import Solver, solve
+from planner.ilp import Solver, SolverError, solve
 from planner.problem import (
     EngineType,
     GpuType,
@@ -71,6 +71,7 @@ class Setting:
     slots: int = 12
     headroom: float = 0.2
     solver: Solver = "auto"
+    time_limit_s: float = 10.0  # per solve; the best plan found by then is kept
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -280,8 +281,14 @@ class LongTerm:
         self.target: dict[Key, int] = {}
         self.plan: Plan | None = None
         self.slot_upper: dict[Series, float] = {}
+        # Wall time of each program (the first solve of every plan), and apart from it that of
+        # the elastic copy an infeasible one is solved again as.
         self.solve_s: list[float] = []
+        self.elastic_s: list[float] = []
         self.infeasible = 0
+        self.failed = 0  # no plan within the time limit: the last one stays
+        self.not_optimal = 0  # plans cut by the time limit
+        self.startup_short = 0  # plans with demand in their first slots that no engine meets
         self.overrides = 0
 
     def decide(self, now_min: int, fleet: FleetState) -> dict[Key, int]:
@@ -351,12 +358,20 @@ class LongTerm:
         )
         plan: Plan | None
         try:
-            plan = solve(inp, solver=s.solver)
+            plan = solve(inp, solver=s.solver, time_limit_s=s.time_limit_s)
+            self.solve_s.append(plan.build_s + plan.solve_s)
         except Infeasible as e:
             self.infeasible += 1
             plan = e.best_effort
+            self.solve_s.append(e.first_solve_s)
+            if plan is not None:
+                self.elastic_s.append(plan.build_s + plan.solve_s)
+        except SolverError:
+            self.failed += 1
+            return None
         if plan is not None:
-            self.solve_s.append(plan.solve_s)
+            self.not_optimal += not plan.optimal
+            self.startup_short += any(x.kind == "startup" for x in plan.shortfalls)
         return plan
 
 

@@ -176,30 +176,6 @@ class BatchAssignment:
     tokens: float
 
 
-@dataclass(frozen=True, slots=True)
-class Plan:
-    allocations: tuple[Allocation, ...]
-    batch: tuple[BatchAssignment, ...]
-    cost: float  # objective: GPU-hours, start-ups and churn, priced
-    gpu_hours: float
-    scale_ups: int  # engines started over the horizon
-    startup_gpu_hours: float  # GPU-hours of those engines spent starting
-    solver: str
-    optimal: bool  # False: the best solution found within the time limit
-    solve_s: float
-    build_s: float
-
-    def engines(self, model: str, region: str, gpu: str) -> tuple[int, ...]:
-        for a in self.allocations:
-            if (a.model, a.region, a.gpu) == (model, region, gpu):
-                return a.engines
-        raise KeyError((model, region, gpu))
-
-    def first_slot(self) -> dict[Key, int]:
-        """Engine counts to apply now: what an actuator acts on."""
-        return {(a.model, a.region, a.gpu): a.engines[0] for a in self.allocations}
-
-
 ShortfallKind = Literal["quota", "startup", "deadline"]
 
 
@@ -215,13 +191,50 @@ class Shortfall:
     detail: str
 
 
-class Infeasible(Exception):
-    """No plan meets every demand. `shortfalls` name what is missing and why; `best_effort`
-    is the cheapest plan that misses the least, for a caller that must act anyway."""
+@dataclass(frozen=True, slots=True)
+class Plan:
+    allocations: tuple[Allocation, ...]
+    batch: tuple[BatchAssignment, ...]
+    cost: float  # objective: GPU-hours, start-ups and churn, priced
+    gpu_hours: float
+    scale_ups: int  # engines started over the horizon
+    startup_gpu_hours: float  # GPU-hours of those engines spent starting
+    solver: str
+    optimal: bool  # False: the best solution found within the time limit
+    solve_s: float
+    build_s: float
+    # Interactive demand of the first slots that no engine can meet: those asked for now serve
+    # only after their start-up, and the running ones do not suffice. Expected, not infeasible:
+    # the program meets what it can and names the rest (kind "startup").
+    shortfalls: tuple[Shortfall, ...] = ()
 
-    def __init__(self, shortfalls: tuple[Shortfall, ...], best_effort: Plan | None) -> None:
+    def engines(self, model: str, region: str, gpu: str) -> tuple[int, ...]:
+        for a in self.allocations:
+            if (a.model, a.region, a.gpu) == (model, region, gpu):
+                return a.engines
+        raise KeyError((model, region, gpu))
+
+    def first_slot(self) -> dict[Key, int]:
+        """Engine counts to apply now: what an actuator acts on."""
+        return {(a.model, a.region, a.gpu): a.engines[0] for a in self.allocations}
+
+
+class Infeasible(Exception):
+    """No plan meets every demand that a plan could meet: a quota or a batch deadline binds
+    (start-up shortfalls alone leave the program feasible: `Plan.shortfalls`). `shortfalls`
+    name what is missing and why; `best_effort` is the cheapest plan that misses the least,
+    for a caller that must act anyway."""
+
+    def __init__(
+        self,
+        shortfalls: tuple[Shortfall, ...],
+        best_effort: Plan | None,
+        first_solve_s: float = 0.0,
+    ) -> None:
         self.shortfalls = shortfalls
         self.best_effort = best_effort
+        # Wall time of the program found infeasible; `best_effort.solve_s` is the elastic copy's.
+        self.first_solve_s = first_solve_s
         lines = "; ".join(s.detail for s in shortfalls[:5])
         more = f" (and {len(shortfalls) - 5} more)" if len(shortfalls) > 5 else ""
         super().__init__(f"no feasible plan: {lines}{more}")

@@ -302,3 +302,25 @@ def test_batch_misses_are_counted_from_the_jobs() -> None:
     (day,) = ev.by_day(jobs, batch, deadlines, slos, sim.all_engines(), [], 1, sim.now)
     assert (day.batch, day.batch_missed, day.interactive, day.slo_met) == (3, 2, 1, 1)
     assert day.gpu_hours == pytest.approx(sim.now / 3600)
+
+
+def test_long_term_plans_a_start_up_shortfall_once_and_times_an_infeasible_one_apart() -> None:
+    st = setting(startup_min=2.0)  # one 5-minute slot before anything asked for now serves
+    cap = st.engines[0].tokens_per_s
+    # Demand of five engines from now on: slot 0 can only have the one running.
+    demand = [5 * cap] * 60
+    series = {(MODEL, "r", "interactive"): demand, (MODEL, "r", "batch"): [0.0] * 60}
+    running = (RunningEngine(MODEL, "r", "A100", age_min=30.0),)
+    fleet = FleetState(0.0, running, {(MODEL, "r"): 1.0})
+    policy = LongTerm("oracle", st, TrueFuture(series, smooth_min=1))
+    target = policy.decide(0, fleet)
+    # One program, solved once: the slot it cannot help is a named shortfall, not infeasible.
+    assert (policy.infeasible, len(policy.solve_s), policy.elastic_s) == (0, 1, [])
+    assert policy.startup_short == 1
+    assert target[KEY] == math.ceil(1.2 * 5) and policy.plan is not None
+    assert {s.kind for s in policy.plan.shortfalls} == {"startup"}
+    # A quota of three GPUs cannot hold six engines: infeasible, the elastic copy timed apart.
+    tight = LongTerm("oracle", replace(st, quotas={("r", "A100"): 3}), TrueFuture(series, 1))
+    assert tight.decide(0, fleet)[KEY] == 3
+    assert (tight.infeasible, len(tight.solve_s), len(tight.elastic_s)) == (1, 1, 1)
+    assert tight.solve_s[0] > 0 and tight.elastic_s[0] > 0

@@ -175,3 +175,31 @@ def test_bad_input_is_refused() -> None:
         ForecastConfig(quantile=0.3)
     with pytest.raises(ValueError, match="t must be"):
         forecast_at([1.0], 5, 3)
+
+
+def test_smoothed_forecast_is_of_block_means_and_sees_no_future() -> None:
+    # A few requests a minute: Poisson noise around a steady rate, which 5-minute means damp.
+    rng = np.random.default_rng(4)
+    series = [float(v) for v in rng.poisson(20.0, 2 * DAY_MIN)]
+    per_minute = ForecastConfig()
+    smooth = ForecastConfig(smooth_min=5)
+    covered = total = 0
+    for t in range(DAY_MIN, DAY_MIN + 600, 60):
+        f = forecast_at(series, t, 30, smooth)
+        assert f.method == "arima" and len(f.point) == len(f.upper) == 30
+        # Every minute of a block carries the block's forecast.
+        assert all(len(set(f.upper[i : i + 5])) == 1 for i in range(0, 30, 5))
+        # The quantile of a 5-minute mean sits well below that of one minute's count.
+        assert max(f.upper) < max(forecast_at(series, t, 30, per_minute).upper)
+        blocks = [float(np.mean(series[t + i : t + i + 5])) for i in range(0, 30, 5)]
+        covered += sum(b <= u for b, u in zip(blocks, f.upper[::5], strict=True))
+        total += len(blocks)
+        # Nothing after t is read, and blocks end at t: the minute before t counts.
+        changed = series[:t] + [100 * v for v in series[t:]]
+        after = forecast_at(changed, t, 30, smooth)
+        assert (after.method, after.point, after.upper) == (f.method, f.point, f.upper)
+        bumped = [*series[: t - 1], 10 * series[t - 1], *series[t:]]
+        assert forecast_at(bumped, t, 30, smooth).point != f.point
+    assert covered / total >= 0.8
+    with pytest.raises(ValueError, match="smooth_min"):
+        ForecastConfig(smooth_min=0)

@@ -100,12 +100,36 @@ def test_an_engine_still_starting_serves_when_its_start_up_ends() -> None:
     )
     plan = solve(problem({"a": (900.0, 900.0, 1800.0, 1800.0)}, current=current))
     assert ready(plan, "m", "a", "H100") == (1, 1, 2, 2)
-    with pytest.raises(Infeasible) as err:
-        solve(problem({"a": (900.0, 1800.0, 1800.0, 1800.0)}, current=current))
-    (short,) = err.value.shortfalls
+
+
+def test_demand_before_any_start_up_can_end_is_a_named_shortfall_not_infeasible() -> None:
+    # Slot 1 needs 1800 tokens/s; the running engine gives 1000 and the one starting serves
+    # only from slot 2, as would any asked for now: 800 tokens/s short, the rest planned.
+    current = (
+        RunningEngine("m", "a", "H100", age_min=60.0),
+        RunningEngine("m", "a", "H100", age_min=4.0),
+    )
+    plan = solve(problem({"a": (900.0, 1800.0, 1800.0, 1800.0)}, current=current))
+    (short,) = plan.shortfalls
     assert (short.kind, short.region, short.slot) == ("startup", "a", 1)
     assert short.missing == pytest.approx(800.0)
-    assert "start-up" in str(err.value)
+    assert "start-up" in short.detail
+    assert ready(plan, "m", "a", "H100") == (1, 1, 2, 2)
+    # Every engine that can serve in the short slots is kept, none is started in vain.
+    assert plan.engines("m", "a", "H100")[:2] == (2, 2)
+    # Met demand leaves no shortfall at all.
+    assert solve(problem({"a": (900.0, 900.0, 1800.0, 1800.0)}, current=current)).shortfalls == ()
+
+
+def test_a_quota_that_binds_in_the_first_slots_is_still_infeasible() -> None:
+    # Three engines run, the quota allows two: keeping them would serve slot 0, so the miss is
+    # the quota's, and the program is infeasible, not a start-up shortfall.
+    current = (RunningEngine("m", "a", "H100", age_min=60.0, count=3),)
+    inp = problem({"a": (2500.0, 2500.0, 2500.0)}, current=current, quotas={("a", "H100"): 2})
+    with pytest.raises(Infeasible) as err:
+        solve(inp)
+    assert {s.kind for s in err.value.shortfalls} == {"quota"}
+    assert err.value.first_solve_s > 0
 
 
 def test_scale_ups_are_charged_so_a_short_dip_keeps_its_engines() -> None:
@@ -311,8 +335,8 @@ def test_cbc_and_highs_agree() -> None:
         churn_gpu_hours=0.05,
         startup_weight=1.0,
     )
-    with pytest.raises(Infeasible):
-        solve(inp)  # slot 1 of region a needs engines that cannot start in time
+    # Slot 1 of region a needs engines that cannot start in time: planned, with the gap named.
+    assert {(x.kind, x.region, x.slot) for x in solve(inp).shortfalls} == {("startup", "a", 1)}
     relaxed = problem(
         {"a": (3000.0, 3000.0, 6000.0, 2000.0), "b": (1000.0, 1000.0, 5000.0, 5000.0)},
         engines=(FAST, SLOW),
