@@ -100,6 +100,9 @@ def render(d: Decision, settings: Settings) -> str:
         if d.plan is None:
             return "\n".join(lines)
         lines.append("best-effort plan (misses the least):")
+    elif d.shortfalls:
+        lines.append("start-up shortfalls (demand no engine asked for now can serve in time):")
+        lines += [f"  {s.kind}: {s.detail}" for s in d.shortfalls]
     p = d.plan
     if p is None:
         return "\n".join([*lines, f"no plan: {d.error}"])

@@ -164,6 +164,8 @@ def decide(
     error = ""
     try:
         plan: Plan | None = solve(inp, settings.solver, settings.time_limit_s)
+        if plan is not None:  # start-up gaps: demand no engine asked for now reaches in time
+            shortfalls = plan.shortfalls
     except Infeasible as exc:
         status, shortfalls, error = "infeasible", exc.shortfalls, str(exc)
         plan = exc.best_effort

@@ -369,3 +369,17 @@ def test_without_the_planner_extra_serve_and_plan_say_what_to_install(
     err = capsys.readouterr().err
     assert err.count("needs pulp, not installed here: pip install 'fairway-llm[planner]'") == 2
     assert "Traceback" not in err
+
+
+def test_fairway_plan_names_a_start_up_shortfall(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Demand that the engines running cannot meet before a new one is up (20 minutes to
+    start, slots of 15): a plan all the same, with the gap named, not an infeasible program."""
+    config = plan_files(tmp_path, models={MODEL: {"H100": {"tokens_per_s": 1.0,
+                                                          "startup_min": 20.0}}})  # fmt: skip
+    demand = tmp_path / "demand.json"
+    demand.write_text(json.dumps(demand_body(3 * 60)))
+    assert fairway(["plan", "--config", str(config), "--demand", str(demand)]) == 0
+    out = capsys.readouterr().out
+    assert "start-up shortfalls" in out and "startup: " in out, out
