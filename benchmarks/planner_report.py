@@ -55,7 +55,8 @@ def report(out: dict[str, Any], gpus: Sequence[GpuType], startup_min: Mapping[st
         f"Measured by `make bench-planner` (`benchmarks/planner.py`) on {out['machine']}: "
         f"{out['wall_s'] / 60:.0f} minutes of wall time, two policies at a time on the two "
         "cores. Raw figures in `docs/planner.json`; "
-        "`benchmarks/planner.py --from-json docs/planner.json` writes this page again.",
+        "`benchmarks/planner.py --from-json docs/planner.json` writes this page again."
+        + (f" {out['note']}" if out.get("note") else ""),
         "",
         "## Setting",
         "",
@@ -91,7 +92,7 @@ def report(out: dict[str, Any], gpus: Sequence[GpuType], startup_min: Mapping[st
         + ".",
         f"- Plans: {run['slots']} slots of {run['slot_minutes']} minutes, re-planned every "
         "slot; forecasts (ARIMA(3,1,2) on the last four hours, seasonal-naive fallback) of "
-        f"{run.get('smooth_min', 1)}-minute means, from the minutes before the planning time "
+        f"{_of(run.get('smooth_min', 1))}, from the minutes before the planning time "
         f"only; a slot is sized for the largest upper {run.get('quantile', 0.95):g} quantile "
         "in it, plus 20% headroom. The oracle sizes each slot for its busiest "
         f"{run.get('oracle_smooth_min', 5)}-minute mean of the true demand, with the same "
@@ -138,7 +139,8 @@ def report(out: dict[str, Any], gpus: Sequence[GpuType], startup_min: Mapping[st
             + " (target under 1 s).",
             "",
             "Every plan of the run, timed apart (wall time of building and solving each "
-            "program; two replays share the two cores; each solve stops at "
+            "program, waits for a core included; two replays share the two cores; the solver "
+            "stops at "
             f"{out.get('time_limit_s', 10):g} s with the best plan found so far):",
             "",
             "| policy | plans | largest solve (s) | p99 (s) | mean (s) | cut by the time limit "
@@ -194,7 +196,7 @@ def _variants(v: dict[str, Any] | None) -> list[str]:
     for r in v["runs"]:
         reactive = r.get("reactive_slo")
         lines.append(
-            f"| {r['trace']} | {r['smooth_min']}-minute means | {r['quantile']:g} | "
+            f"| {r['trace']} | {_of(r['smooth_min'])} | {r['quantile']:g} | "
             f"{r['gpu_hours']:.1f} | {100 * (r['gpu_hours'] / r['oracle_gpu_hours'] - 1):+.1f}% "
             f"| {100 * r['slo_attainment']:.2f}% | {100 * r['oracle_slo']:.2f}% | "
             + (f"{100 * reactive:.2f}% |" if reactive is not None else "not run |")
@@ -242,3 +244,7 @@ def plot(
         save_figure(fig, path)
         names.append(path.name)
     return names
+
+
+def _of(smooth_min: int) -> str:
+    return "per-minute values" if smooth_min == 1 else f"{smooth_min}-minute means"
