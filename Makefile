@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.fairway-installed
 
 .PHONY: setup serve test lint typecheck pytest bench bench-all bench-fairness bench-kernels \
-	bench-routing bench-routing-live bench-planner vllm-env clean
+	bench-routing bench-routing-live bench-planner bench-planner-live vllm-env clean
 
 setup: $(STAMP)
 
@@ -96,3 +96,8 @@ bench-routing-live: setup
 # forecasts and the integer program timed (docs/PLANNER.md); --quick for one smaller day.
 bench-planner: setup
 	$(BIN)/python benchmarks/planner.py
+
+# Planner live: fairway serve with the planner and the sim actuator under a day of locust
+# traffic compressed into 8 minutes (docs/PLANNER_LIVE.md).
+bench-planner-live: setup
+	$(BIN)/python benchmarks/planner_live.py

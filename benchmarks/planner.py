@@ -352,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policies", default=",".join(POLICIES))
     p.add_argument("--quantile", type=float, default=0.95, help="of the interactive forecast")
     p.add_argument("--smooth-min", type=int, default=1, help="minutes per forecast step")
+    p.add_argument("--oracle-smooth-min", type=int, default=5,
+                   help="minutes of true demand averaged into the oracle's slot peak")  # fmt: skip
     p.add_argument("--jobs", type=int, default=2, help="policies replayed in parallel")
     p.add_argument(
         "--out", type=Path, default=DOCS / "planner.json", help="PLANNER.md and plots beside it"
@@ -374,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         quota_h100=48,
         quantile=a.quantile,
         smooth_min=a.smooth_min,
+        oracle_smooth_min=a.oracle_smooth_min,
     )
     names = [n for n in a.policies.split(",") if n]
     t_all = time.perf_counter()

@@ -251,11 +251,15 @@ async def test_three_replicas_admit_one_global_tokens_and_requests_per_minute(
         )
     assert t_window[0] > seconds - 0.5 and r_window[0] > seconds - 0.5
     assert t_refused > 0 and r_refused > 0  # the clients flooded past the limits
-    # Within 1% of one burst plus the rate over the window, wherever in its bounds it lies.
+    # At most 1% over one burst plus the rate over the window, wherever in its bounds it lies:
+    # the limit holds across replicas. The floor is looser (5% under): a bucket refills to
+    # its burst within a second here (0.8 s, 0.33 s), and whatever it would gain past that
+    # while every client still sleeps on its Retry-After (late on a loaded machine) is lost to
+    # the clients, not refused by the limiter.
     low, high = (tburst + tpm * w / 60 for w in t_window)
-    assert 0.99 * low <= tokens <= 1.01 * high, (tokens, low, high)
+    assert 0.95 * low <= tokens <= 1.01 * high, (tokens, low, high)
     low, high = (rburst + rpm * w / 60 for w in r_window)
-    assert 0.99 * low <= requests <= 1.01 * high, (requests, low, high)
+    assert 0.95 * low <= requests <= 1.01 * high, (requests, low, high)
 
 
 @pytest.mark.timeout(60)

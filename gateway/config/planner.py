@@ -110,6 +110,9 @@ class PlannerConfig:
     drain_deadline_s: Annotated[StrictFloat, Field(ge=0)] = 300.0
     batch_deadline_min: Positive = 60.0  # batch demand may be served this much later
     retry_after_s: Annotated[StrictFloat, Field(ge=0)] = 300.0  # after a failed start there
+    # Demos and tests: the gateway's demand minutes and the planner's clock (engine ages,
+    # min_lifetime_s, retry_after_s, slots) run this many times faster than the wall clock.
+    clock_speed: Positive = 1.0
     regions: tuple[StrictStr, ...] = ()  # default: the regions of [engines]
     gpus: dict[Name, GpuTable] = Field(default_factory=dict)
     models: dict[Name, dict[Name, EngineTypeTable]] = Field(default_factory=dict)

@@ -9,6 +9,7 @@ core's clock, so that engine ages, demand minutes and plans agree.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -37,6 +38,12 @@ from planner.actuators import (
 from planner.controller import Actuator, Controller, Decision, DemandKey, EngineRecord
 from planner.kubernetes import KubernetesActuator
 from planner.problem import Key
+
+
+def fast_clock(speed: float) -> Callable[[], float]:
+    """The wall clock from now on, `speed` times faster (`[planner] clock_speed`)."""
+    t0, m0 = time.time(), time.monotonic()
+    return lambda: t0 + (time.monotonic() - m0) * speed
 
 
 class FleetAdapter:

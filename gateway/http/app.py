@@ -121,6 +121,10 @@ def build_app(
             tasks.append(loop.create_task(probes))
             if shared is not None:
                 tasks.append(loop.create_task(shared.run()))
+            if cfg.planner.clock_speed != 1:
+                from gateway.fleet.planning import fast_clock
+
+                gate.core.clock = fast_clock(cfg.planner.clock_speed)
             if cfg.planner.enabled:
                 from gateway.fleet.planning import PLANNER, build_planner
 
