@@ -13,7 +13,7 @@ import numpy as np
 from benchmarks._common import pyplot, save_figure
 from planner.policies import Setting
 from planner.problem import GpuType
-from planner.workload import CLASSES
+from planner.workload_trace import CLASSES
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
@@ -174,6 +174,14 @@ def report(out: dict[str, Any], gpus: Sequence[GpuType], startup_min: Mapping[st
         lines += [f"| {k} | {100 * v['smape']:.1f}% | {100 * v['mape']:.1f}% |"
                   for k, v in fc.items()]  # fmt: skip
         lines.append("")
+    lines += [
+        "## Live",
+        "",
+        "The same controller inside `fairway serve`, with the `sim` actuator, under a day of "
+        "locust traffic compressed into minutes: docs/PLANNER_LIVE.md (`make "
+        "bench-planner-live`).",
+        "",
+    ]
     lines += ["## Engines against demand", ""]
     lines += [f"![{p}]({p})" for p in out.get("plots", [])]
     return "\n".join(lines) + "\n"

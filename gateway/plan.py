@@ -161,8 +161,8 @@ def _from_json(body: Any, minutes: int) -> tuple[History, float]:
 
 
 def _from_npz(path: Path, minutes: int, at: int | None) -> tuple[History, float]:
-    from planner.workload import CLASSES
     from planner.workload import load as load_trace
+    from planner.workload_trace import CLASSES
 
     try:
         trace = load_trace(path)

@@ -1,6 +1,6 @@
 """The gateway's gate core on the cluster simulator's clock: the one simulator frontend.
 
-`GateFrontend` is `engines.cluster.Frontend` made of the gateway's own objects: the very
+`GateFrontend` is `engines.cluster_parts.Frontend` made of the gateway's own objects: the very
 `GateCore` the gateway runs (admission and OIT, the fairness queue, routing with the configured
 policy, the ledger's per-engine view), token buckets in a `MemoryStore`, and, when given, the
 same `LengthService` that predicts output lengths in the gateway. Only the clock and the
@@ -18,7 +18,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from engines.cluster import ClusterSim, Job, SimulatedEngine
+from engines.cluster import ClusterSim, Job
+from engines.cluster_parts import SimulatedEngine
 from gateway.config.schema import Config
 from gateway.core.dispatch import Decision
 from gateway.core.gate import GateCore, Router, Slot
@@ -26,7 +27,7 @@ from gateway.core.ledger import EngineLimit
 from gateway.core.request import Endpoint, RequestInfo
 from gateway.lengths.features import Record
 from gateway.lengths.service import LengthService
-from gateway.state.buckets import MemoryStore
+from gateway.state.memory import MemoryStore
 
 
 @dataclass(slots=True)
@@ -168,7 +169,7 @@ class GateFrontend:
                     v.in_flight_at_scrape = in_flight(v.id)
         return views
 
-    # engines.cluster.Frontend ---------------------------------------------------------------
+    # engines.cluster_parts.Frontend ---------------------------------------------------------
 
     def on_arrival(self, job: Job, now: float) -> None:
         self._now = now

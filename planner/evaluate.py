@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engines.cluster import ClusterSim, EngineSpec, Job, SimulatedEngine
+from engines.cluster import ClusterSim, EngineSpec, Job
+from engines.cluster_parts import SimulatedEngine
 from planner.forecast import mape, smape
 from planner.policies import FleetState, Policy, Series, Setting
 from planner.problem import EngineType, Key, RunningEngine

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from engines.cluster import ClusterSim, EngineSpec, Job, RouteOnArrival, SimulatedEngine
+from engines.cluster import ClusterSim, EngineSpec, Job, RouteOnArrival
+from engines.cluster_parts import SimulatedEngine
 from engines.perf_model import PerfModel, SeqWork
 
 

@@ -8,7 +8,8 @@ import pytest
 
 from gateway.core.admission import Bucket, Interactions, Limit, decide, format_reset
 from gateway.core.dispatch import Decision, Dispatcher
-from gateway.core.fairness import Fcfs, Prices, RpmLimit, Ticket, Vtc, Wsc, make_policy
+from gateway.core.fair_queue import Prices, Ticket
+from gateway.core.fairness import Fcfs, RpmLimit, Vtc, Wsc, make_policy
 from gateway.core.ledger import EngineLimit, EngineSnapshot, Ledger
 
 _handles = itertools.count(1)

@@ -10,7 +10,8 @@ from dataclasses import dataclass, replace
 
 import pytest
 
-from engines.cluster import ClusterSim, EngineSpec, Job, RouteOnArrival, SimulatedEngine
+from engines.cluster import ClusterSim, EngineSpec, Job, RouteOnArrival
+from engines.cluster_parts import SimulatedEngine
 from engines.perf_model import PerfModel
 from gateway.config.schema import parse
 from gateway.routing.policies import LeastOutstanding

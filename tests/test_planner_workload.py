@@ -12,17 +12,8 @@ import numpy as np
 import pytest
 
 from engines.perf_model import MODELS
-from planner.workload import (
-    CLASSES,
-    RealTrace,
-    Region,
-    Trace,
-    WorkloadConfig,
-    generate,
-    load,
-    load_real,
-    save,
-)
+from planner.workload import RealTrace, generate, load, load_real, save
+from planner.workload_trace import CLASSES, Region, Trace, WorkloadConfig
 
 SMALL = WorkloadConfig(days=7, seed=0, peak_rps=0.05)  # about 30,000 requests
 

@@ -13,7 +13,8 @@ import openai
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.core.fairness import Ticket, Vtc
+from gateway.core.fair_queue import Ticket
+from gateway.core.fairness import Vtc
 from gateway.core.ledger import EngineLimit, EngineLoad
 from gateway.http.auth import digest
 from gateway.state.cluster import ClusterSync

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from gateway.config.schema import AppConfig, Config, LimitsConfig, TenantConfig
-from gateway.core.fairness import Prices, Ticket
+from gateway.core.fair_queue import Prices, Ticket
 from gateway.core.request import RequestInfo
 
 if TYPE_CHECKING:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from gateway.config.schema import Config
 from gateway.core.dispatch import Decision, Dispatcher
-from gateway.core.fairness import Ticket
+from gateway.core.fair_queue import Ticket
 
 # Seconds per output token a request is expected to take before any request of its model has
 # ended: a sequence's pace on a busy engine (about 20 tokens a second). Measured ends replace it.

@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterable
 from enum import Enum
 
 from gateway.config.schema import Config
-from gateway.core.fairness import FairnessPolicy, Prices, Ticket, make_policy
+from gateway.core.fair_queue import FairnessPolicy, Prices, Ticket
+from gateway.core.fairness import make_policy
 from gateway.core.ledger import EngineSnapshot, Ledger
 
 

@@ -27,7 +27,7 @@ from gateway.core.admission import Admission, Admitting, Keyed
 from gateway.core.batch import BatchFeed
 from gateway.core.demand import Demand
 from gateway.core.dispatch import Decision, build_dispatcher
-from gateway.core.fairness import Ticket
+from gateway.core.fair_queue import Ticket
 from gateway.core.ledger import EngineLimit, EngineSnapshot, Ledger
 from gateway.core.request import RequestInfo
 

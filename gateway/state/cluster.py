@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 import orjson
 import structlog
 
-from gateway.core.fairness import FairnessPolicy, Vtc
+from gateway.core.fair_queue import FairnessPolicy
+from gateway.core.fairness import Vtc
 from gateway.core.ledger import EngineLoad
 from gateway.state.demand import SharedDemand
 

@@ -1,4 +1,4 @@
-"""The Lua scripts of `gateway.state.buckets`: each runs atomically in Redis, on its clock."""
+"""The Lua scripts of `gateway.state.redis_store`: each runs atomically in Redis, on its clock."""
 
 from __future__ import annotations
 
