@@ -21,7 +21,7 @@ import math
 import multiprocessing as mp
 import sys
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +31,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import machine
 from benchmarks.planner_report import plot, report, table
-from engines.cluster import ClusterSim, EngineSpec, Job
-from engines.perf_model import PerfModel, SeqWork
+from benchmarks.planner_setting import (
+    GPUS,
+    STARTUP_MIN,
+    Run,
+    initial_fleet,
+    jobs_of,
+    series_of,
+    setting,
+    slos,
+    spec,
+)
+from engines.cluster import ClusterSim, EngineSpec
 from gateway.config.schema import parse
-from gateway.core.request import RequestInfo
 from gateway.routing.latency import EngineProfile, PredictedLatency
-from gateway.simulate import GateFrontend, SimRequest, request_info
+from gateway.simulate import GateFrontend
 from planner import evaluate as ev
-from planner.capacity import RequestShape, capacity_at_slo
 from planner.forecast import ForecastConfig
 from planner.ilp import highs_available, solve
 from planner.policies import (
@@ -49,131 +57,17 @@ from planner.policies import (
     TrueFuture,
     build,
 )
-from planner.problem import EngineType, GpuType, Key, PlanInput, RunningEngine
-from planner.workload import CLASSES, Trace, WorkloadConfig, generate, load_real
+from planner.problem import PlanInput, RunningEngine
+from planner.workload import Trace, WorkloadConfig, generate
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-GPUS = (GpuType("A100", 1.8), GpuType("H100", 3.5))
-STARTUP_MIN = {"H100": 6.0, "A100": 8.0}  # pull, load weights, warm up
-TP = {"llama-3.1-70b": 4}
-TPOT_SLO_S = 0.05
-
-
-@dataclass(frozen=True, slots=True)
-class Run:
-    days: int
-    peak_rps: float
-    seed: int
-    max_num_seqs: int
-    slot_minutes: int
-    slots: int
-    quota_a100: int
-    quota_h100: int
-    drain_s: float = 7200.0
-    quantile: float = 0.95  # of the interactive forecast the plans size for
-    smooth_min: int = 1  # minutes of demand averaged into one forecast step
-    oracle_smooth_min: int = 5  # minutes of true demand a slot's peak is averaged over
-    time_limit_s: float = 2.0  # per solve; the best plan found by then is kept
-
-
-# The setting ------------------------------------------------------------------------------
-
-
-def setting(run: Run, models: tuple[str, ...], regions: tuple[str, ...]) -> Setting:
-    """Engine types from the performance model at the TPOT SLO, for the real trace's mean
-    request (sizes are the real hour's, so nothing of the generated future is read)."""
-    real = load_real()
-    shape = RequestShape(float(real.prompt.mean()), float(real.output.mean()))
-    engines = []
-    for m in models:
-        for g in ("A100", "H100"):
-            cap = capacity_at_slo(
-                PerfModel.named(g, m, TP.get(m, 1)), shape, TPOT_SLO_S, run.max_num_seqs
-            )
-            engines.append(EngineType(m, g, TP.get(m, 1), cap.prompt_tokens_per_s, STARTUP_MIN[g]))
-    quotas = {(r, "A100"): run.quota_a100 for r in regions}
-    quotas.update({(r, "H100"): run.quota_h100 for r in regions})
-    return Setting(
-        regions,
-        GPUS,
-        tuple(engines),
-        quotas,
-        min_engines=1,
-        slot_minutes=run.slot_minutes,
-        slots=run.slots,
-        time_limit_s=run.time_limit_s,
-    )
-
-
-def slos(models: tuple[str, ...]) -> dict[str, ev.Slo]:
-    """TTFT: ten times the unloaded prefill of the real trace's 95th-percentile prompt on the
-    model's A100 engine, at least one second; per output token, the TPOT SLO the engines are
-    sized for."""
-    p95 = int(np.quantile(load_real().prompt, 0.95))
-    out = {}
-    for m in models:
-        perf = PerfModel.named("A100", m, TP.get(m, 1))
-        prefill = sum(perf.step_time([SeqWork(c, min(2048, p95 - c))]) for c in range(0, p95, 2048))
-        out[m] = ev.Slo(ttft_s=max(1.0, round(10 * prefill, 1)), tpot_s=TPOT_SLO_S)
-    return out
-
-
-def series_of(trace: Trace) -> dict[tuple[str, str, str], list[float]]:
-    """Prompt tokens per second in each minute, per (model, region, class)."""
-    d = trace.demand().prompt_tokens
-    cfg = trace.config
-    return {
-        (m, r.name, c): list(d[mi, ri, ci] / 60.0)
-        for mi, m in enumerate(cfg.models)
-        for ri, r in enumerate(cfg.regions)
-        for ci, c in enumerate(CLASSES)
-    }
-
-
-def initial_fleet(st: Setting, series: dict[tuple[str, str, str], list[float]]) -> dict[Key, int]:
-    """The same start for every policy: the cheapest type, enough for the first hour's
-    busiest minute with headroom."""
-    out = {k: 0 for k in st.engine_keys()}
-    for m, r in st.series:
-        e = st.cheapest(m)
-        peak = max(series[m, r, "interactive"][:60]) + np.mean(series[m, r, "batch"][:60])
-        out[m, r, e.gpu] = max(st.min_engines, math.ceil((1 + st.headroom) * peak / e.tokens_per_s))
-    return out
-
-
-def spec(key: Key, n: int, run: Run) -> EngineSpec:
-    m, r, g = key
-    return EngineSpec(f"{m}/{r}/{g}/{n}", r, m, m, g, TP.get(m, 1), max_num_seqs=run.max_num_seqs)
-
-
-def jobs_of(trace: Trace) -> tuple[list[Job], list[bool], list[float]]:
-    cfg = trace.config
-    regions = [r.name for r in cfg.regions]
-    has_deadline = "deadline" in {f.name for f in fields(RequestInfo)}
-    jobs, batch, deadlines = [], [], []
-    for i in range(len(trace)):
-        m, r = cfg.models[trace.model[i]], regions[trace.region[i]]
-        t, b = float(trace.arrival_s[i]), bool(trace.batch[i])
-        info = request_info(
-            f"j{i}", "batch" if b else "interactive", "default", m, int(trace.prompt[i]), t
-        )
-        info = replace(info, preferred_regions=(r,), klass=CLASSES[int(b)])
-        if b and has_deadline:
-            info = replace(info, deadline=float(trace.deadline_s[i]))
-        jobs.append(
-            Job(f"j{i}", t, m, int(trace.prompt[i]), int(trace.output[i]), SimRequest(info))
-        )
-        batch.append(b)
-        deadlines.append(float(trace.deadline_s[i]))
-    return jobs, batch, deadlines
-
-
 # One policy -------------------------------------------------------------------------------
 
 _SHARED: dict[str, Any] = {}  # what forked workers inherit: the trace, forecasts, the setting
 
 
 def replay(name: str) -> dict[str, Any]:
+    """One policy over the trace; `oracle@W` is the oracle sizing for W-minute means."""
     run: Run = _SHARED["run"]
     trace: Trace = _SHARED["trace"]
     st: Setting = _SHARED["setting"]
@@ -224,7 +118,8 @@ def replay(name: str) -> dict[str, Any]:
             for m, r in st.series
         }
 
-    policy = build(name, st, past, TrueFuture(series, run.oracle_smooth_min), recent)
+    base, _, w = name.partition("@")
+    policy = build(base, st, past, TrueFuture(series, int(w or run.oracle_smooth_min[0])), recent)
     rep = ev.Replay(
         sim, policy, st, lambda k, n: spec(k, n, run), until_s=end_s - 60, on_add=profile
     )
@@ -341,6 +236,30 @@ def ilp_solvers(
     return out
 
 
+CARRIED = ("forecast_variants",)
+
+
+def pick_oracle(results: dict[str, dict[str, Any]], widths: tuple[int, ...]) -> dict[str, Any]:
+    """Replace the `oracle@W` entries of `results` by one `oracle`: the widest W whose SLO
+    attainment is at least reactive scaling's (the narrowest when none is, the widest when
+    reactive was not run); returns the candidates' figures and the choice for the JSON."""
+    cands = {w: results.pop(f"oracle@{w}") for w in widths if f"oracle@{w}" in results}
+    if not cands:
+        return {}
+    ref = results.get("reactive", {}).get("slo_attainment")
+    ok = [w for w in cands if ref is None or cands[w]["slo_attainment"] >= ref]
+    chosen = ok[0] if ok else list(cands)[-1]
+    results["oracle"] = cands[chosen]
+    return {
+        "oracle_smooth_min": chosen,
+        "oracle_variants": [
+            {"smooth_min": w, **{k: r[k] for k in ("gpu_hours", "slo_attainment", "scale_ups",
+                                                   "batch_missed")}}
+            for w, r in cands.items()
+        ],
+    }  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="1 day at peak_rps 1, 30-minute slots")
@@ -352,8 +271,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policies", default=",".join(POLICIES))
     p.add_argument("--quantile", type=float, default=0.95, help="of the interactive forecast")
     p.add_argument("--smooth-min", type=int, default=1, help="minutes per forecast step")
-    p.add_argument("--oracle-smooth-min", type=int, default=5,
-                   help="minutes of true demand averaged into the oracle's slot peak")  # fmt: skip
+    p.add_argument(
+        "--oracle-smooth-min",
+        default="5,3,2,1",
+        help="minutes of true demand the oracle's slot peak may be averaged over, widest "
+        "first; the widest that keeps reactive's SLO is the oracle",
+    )
     p.add_argument("--jobs", type=int, default=2, help="policies replayed in parallel")
     p.add_argument(
         "--out", type=Path, default=DOCS / "planner.json", help="PLANNER.md and plots beside it"
@@ -376,9 +299,12 @@ def main(argv: list[str] | None = None) -> int:
         quota_h100=48,
         quantile=a.quantile,
         smooth_min=a.smooth_min,
-        oracle_smooth_min=a.oracle_smooth_min,
+        oracle_smooth_min=tuple(int(w) for w in a.oracle_smooth_min.split(",")),
     )
     names = [n for n in a.policies.split(",") if n]
+    # Every oracle candidate is replayed; the choice is made once reactive's SLO is known.
+    oracles_run = [f"oracle@{w}" for w in run.oracle_smooth_min]
+    names = [x for n in names for x in (oracles_run if n == "oracle" else [n])]
     t_all = time.perf_counter()
     trace = generate(WorkloadConfig(days=run.days, seed=run.seed, peak_rps=run.peak_rps))
     series = series_of(trace)
@@ -408,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"forecasts at {len(minutes)} planning minutes: {forecast_s:.0f} s", flush=True)
     with ctx.Pool(min(a.jobs, len(names))) as pool:
         results = dict(zip(names, pool.map(replay, names, chunksize=1), strict=True))
+    oracles = pick_oracle(results, run.oracle_smooth_min)
     accuracy = ev.forecast_accuracy(
         {k: v for k, v in series.items() if k[2] == "interactive"},
         {
@@ -445,7 +372,12 @@ def main(argv: list[str] | None = None) -> int:
         "forecast_wall_s": forecast_s,
         "wall_s": time.perf_counter() - t_all,
         "plots": plots,
+        **oracles,
     }
+    # Figures of separate runs an earlier page kept (the forecast-choice runs) stay with it.
+    if a.out.exists():
+        old = json.loads(a.out.read_text())
+        out.update({k: old[k] for k in CARRIED if k in old})
     a.out.write_text(json.dumps(out, indent=1) + "\n")
     (a.out.parent / "PLANNER.md").write_text(report(out, GPUS, STARTUP_MIN))
     print(table(results))

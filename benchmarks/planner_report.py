@@ -95,9 +95,16 @@ def report(out: dict[str, Any], gpus: Sequence[GpuType], startup_min: Mapping[st
         f"{_of(run.get('smooth_min', 1))}, from the minutes before the planning time "
         f"only; a slot is sized for the largest upper {run.get('quantile', 0.95):g} quantile "
         "in it, plus 20% headroom. The oracle sizes each slot for its busiest "
-        f"{run.get('oracle_smooth_min', 5)}-minute mean of the true demand, with the same "
-        "headroom. "
-        "Demand of a plan's first slot that the engines already running cannot meet (those "
+        f"{out.get('oracle_smooth_min', run.get('oracle_smooth_min', 5))}-minute mean of the "
+        "true demand, with the same headroom"
+        + (
+            ": of the widths tried, the widest whose SLO attainment is at least reactive "
+            "scaling's, so that it is the cheapest plan of the true future at equal service "
+            "(each width's figures under Targets). "
+            if out.get("oracle_variants")
+            else ". "
+        )
+        + "Demand of a plan's first slot that the engines already running cannot meet (those "
         "asked for now serve only after their start-up) is planned as a penalised, reported "
         "shortfall, so a program is infeasible only when a quota or a batch deadline binds. "
         "Reactive: per (model, "
@@ -129,6 +136,15 @@ def report(out: dict[str, Any], gpus: Sequence[GpuType], startup_min: Mapping[st
                 f"| {100 * (q['slo_attainment'] - r['slo_attainment']):+.2f} points | "
                 f"{q['batch_missed']} | {q['scale_ups']} vs {r['scale_ups']} |"
             )
+        worst = [
+            f"{n} {100 * d['slo_attainment']:.2f}% (day {d['day']})"
+            for n, q in pol.items()
+            if q.get("days")
+            for d in [min(q["days"], key=lambda d: d["slo_attainment"])]
+        ]
+        if worst:
+            lines += ["", "Each policy's worst day of SLO attainment: " + ", ".join(worst) + "."]
+        lines += _oracles(out.get("oracle_variants"), out.get("oracle_smooth_min"), r)
         solvers = out.get("solvers_busiest_program_s", {})
         lt = {n: q for n, q in pol.items() if "plans" in q}
         lines += [
@@ -187,6 +203,33 @@ def report(out: dict[str, Any], gpus: Sequence[GpuType], startup_min: Mapping[st
     return "\n".join(lines) + "\n"
 
 
+def _oracles(
+    variants: list[dict[str, Any]] | None, chosen: int | None, reactive: dict[str, Any]
+) -> list[str]:
+    """The oracle at each width of true-demand mean it was replayed with."""
+    if not variants:
+        return []
+    lines = [
+        "",
+        "The oracle at each width it was replayed with (a slot sized for its busiest w-minute "
+        "mean of the true demand; wider means are cheaper and let more minute-scale swings "
+        "queue past the SLO):",
+        "",
+        "| w (min) | GPU-hours | vs reactive | SLO | vs reactive | scale-ups | batch missed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for v in variants:
+        mark = " (the oracle)" if v["smooth_min"] == chosen else ""
+        lines.append(
+            f"| {v['smooth_min']}{mark} | {v['gpu_hours']:,.0f} | "
+            f"{100 * (v['gpu_hours'] / reactive['gpu_hours'] - 1):+.1f}% | "
+            f"{100 * v['slo_attainment']:.2f}% | "
+            f"{100 * (v['slo_attainment'] - reactive['slo_attainment']):+.2f} points | "
+            f"{v['scale_ups']} | {v['batch_missed']} |"
+        )
+    return lines
+
+
 def _variants(v: dict[str, Any] | None) -> list[str]:
     """What the forecast is smoothed over and which quantile it plans for: lt-i on shorter
     runs, each against the oracle of its own trace."""
@@ -197,8 +240,8 @@ def _variants(v: dict[str, Any] | None) -> list[str]:
         "",
         v["setting"],
         "",
-        "| trace | forecast of | quantile | lt-i GPU-hours | vs oracle | lt-i SLO | oracle SLO "
-        "| reactive SLO |",
+        "| trace | forecast of | quantile | lt-i GPU-hours | vs oracle (w = 5) | lt-i SLO | "
+        "oracle (w = 5) SLO | reactive SLO |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in v["runs"]:

@@ -17,7 +17,8 @@ through a `Forecaster`, which is handed the minute `now_min` and may read nothin
   minutes exceeds the plan's forecast for the slot by `surprise`, it gets the engines that
   demand needs at once.
 - `oracle`: the integer program on the true future demand; a lower bound of the GPU-hours a
-  plan with these start-up delays can reach.
+  plan with these start-up delays can reach at the SLO attainment its smoothing keeps (the
+  evaluation replays several widths and takes the cheapest that keeps reactive scaling's).
 """
 
 from __future__ import annotations
