@@ -48,6 +48,9 @@ BIN = Path(sys.executable).parent
 ADMIN = "sk-fairway-admin"
 KEY = ("llama-3.1-8b", "us-east", "H100")
 MEAN_PROMPT = 1155  # mean prompt tokens of the Azure conversation trace the users draw from
+# Prompts cut to this, so that every chat fits the simulated engine's 8,192-token context (a
+# few of the trace's are longer, and would get a 400 that says so).
+MAX_PROMPT = 8000
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +188,8 @@ def run(p: Params, work: Path) -> Result:
         wait_ready(f"{url}/healthz", gw, within=60.0)
         env = {**os.environ, "FAIRWAY_DAY_SECONDS": str(p.day_s),
                "FAIRWAY_PEAK_USERS": str(p.peak_users), "FAIRWAY_CYCLE_S": str(p.cycle_s),
-               "FAIRWAY_MAX_OUTPUT": str(p.max_output)}  # fmt: skip
+               "FAIRWAY_MAX_OUTPUT": str(p.max_output),
+               "FAIRWAY_MAX_PROMPT": str(MAX_PROMPT)}  # fmt: skip
         t0 = time.monotonic()
         locust = subprocess.Popen(
             [str(BIN / "locust"), "-f", str(ROOT / "loadtest" / "planner_day.py"), "--headless",
@@ -294,8 +298,9 @@ def report(r: Result, command: str) -> str:
         f"Command: `{command}`", "",
         f"A day runs in {p.day_s:.0f} s of wall time (loadtest/planner_day.py: planner/"
         f"workload.py's diurnal curve, trough 0.2 of the peak, peak at 14:00), {p.peak_users} "
-        f"locust users at the peak, each sending a streaming chat (Azure trace prompts, at most "
-        f"{p.max_output} output tokens) every {p.cycle_s:g} s. The gateway's clock runs "
+        f"locust users at the peak, each sending a streaming chat (Azure trace prompts cut to "
+        f"{MAX_PROMPT:,} tokens, at most {p.max_output} output tokens) every {p.cycle_s:g} s. "
+        "The gateway's clock runs "
         f"{p.speed:.0f} times faster than the wall clock, so its demand minutes are the day's "
         f"minutes. The planner re-plans every {p.interval_s:g} s (wall), {p.slots} slots of "
         f"{p.slot_minutes} min, {p.history_minutes} min of history; a new engine joins "

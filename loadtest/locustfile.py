@@ -17,7 +17,9 @@ computes VTC's fairness metrics. This package talks HTTP only; it imports nothin
 
 Environment: FAIRWAY_MODEL (llama-3.1-8b), FAIRWAY_TRACE (the Azure CSV), FAIRWAY_MAX_OUTPUT
 (cap on output tokens, 256), FAIRWAY_CYCLE_S (seconds between a user's requests, 4),
-FAIRWAY_SPEEDUP (trace compression, 60), FAIRWAY_KEY_<CLASS> to override a class's key,
+FAIRWAY_SPEEDUP (trace compression, 60), FAIRWAY_MAX_PROMPT (cap on prompt tokens, so that
+every request fits the engines' context; 0, the default, for none), FAIRWAY_KEY_<CLASS> to
+override a class's key,
 FAIRWAY_USERS (e.g. AcmeChat=6,Abuser=10: exact user counts per class).
 """
 
@@ -43,6 +45,7 @@ TRACE = Path(
     )
 )
 MAX_OUTPUT = int(os.environ.get("FAIRWAY_MAX_OUTPUT", "256"))
+MAX_PROMPT = int(os.environ.get("FAIRWAY_MAX_PROMPT", "0"))
 CYCLE_S = float(os.environ.get("FAIRWAY_CYCLE_S", "4"))
 SPEEDUP = float(os.environ.get("FAIRWAY_SPEEDUP", "60"))
 RECORDS = os.environ.get("FAIRWAY_RECORDS")
@@ -93,6 +96,8 @@ class FairwayUser(HttpUser):
         """One streaming request; returns its HTTP status."""
         _, prompt, output = self.rng.choice(ROWS)
         prompt = max(1, int(prompt * self.prompt_scale))
+        if MAX_PROMPT > 0:
+            prompt = min(prompt, MAX_PROMPT)
         body = {
             "model": MODEL,
             # About four characters a token, as the gateway estimates.
