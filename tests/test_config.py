@@ -46,6 +46,16 @@ def test_negative_weight_names_key_and_value() -> None:
     assert "tenants.acme.weight must be > 0, got -1" in errors_of(data)
 
 
+def test_a_positive_setting_must_be_finite() -> None:
+    # TOML's inf and nan are floats; an infinite clock speed or timeout is a typo, not a wish.
+    data = config_dict()
+    data["planner"] = {"clock_speed": float("inf")}
+    data["server"] = {**data.get("server", {}), "body_timeout_s": float("nan")}
+    errors = errors_of(data)
+    assert "planner.clock_speed must be a finite number, got inf" in errors
+    assert "server.body_timeout_s must be a finite number, got nan" in errors
+
+
 @pytest.mark.parametrize(
     ("mutate", "expected"),
     [

@@ -27,7 +27,7 @@ import tomli_w
 
 from gateway.cli import main as fairway
 from gateway.config.schema import ConfigError, parse
-from gateway.fleet.planning import PLANNER
+from gateway.fleet.planning import PLANNER, fast_clock
 from gateway.http.auth import digest
 from gateway.http.state import Gateway
 from planner.controller import Controller, Decision, DemandKey, EngineRecord, decide
@@ -53,16 +53,6 @@ def planner_config(**planner: Any) -> dict[str, Any]:
         "actuator": actuator, **planner,
     }  # fmt: skip
     return cfg
-
-
-class FastClock:
-    """The wall clock, 60 times faster from now on: a minute a second."""
-
-    def __init__(self, speed: float = 60.0) -> None:
-        self.t0, self.m0, self.speed = time.time(), time.monotonic(), speed
-
-    def __call__(self) -> float:
-        return self.t0 + (time.monotonic() - self.m0) * self.speed
 
 
 class RecordedDemand:
@@ -131,7 +121,7 @@ async def test_scales_ahead_of_rising_demand_and_drains_old_engines_only(
     start_gateway: GatewayFactory,
 ) -> None:
     server, gw = await start_gateway(planner_config(model={"tokens_per_s": 0.5}))
-    gw.gate.core.clock = FastClock(speed=120.0)  # two minutes a second
+    gw.gate.core.clock = fast_clock(120.0)  # two minutes a second
     controller = server.app[PLANNER]
     seen = recording(controller)
     client = openai.AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key=ACME,
@@ -203,7 +193,7 @@ async def test_a_failed_start_is_replanned_without_it(start_gateway: GatewayFact
     cfg = planner_config(interval_s=0.5, retry_after_s=120.0,
                          actuator={"kind": "process", "command": exits})  # fmt: skip
     server, gw = await start_gateway(cfg)
-    gw.gate.core.clock = FastClock()
+    gw.gate.core.clock = fast_clock(60.0)  # a minute a second
     controller = server.app[PLANNER]
     seen = recording(controller)
     controller.demand = RecordedDemand(steady(1.5))

@@ -36,7 +36,7 @@ class ConfigError(Exception):
 # Unknown keys are refused: a misspelt setting must not leave its default silently in place.
 TABLE = ConfigDict(extra="forbid")
 
-Positive = Annotated[StrictFloat, Field(gt=0)]
+Positive = Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False)]
 Rate = Annotated[StrictFloat, Field(ge=0)]  # tokens per minute; 0 = no limit
 Count = Annotated[StrictInt, Field(ge=1)]
 Natural = Annotated[StrictInt, Field(ge=0)]
@@ -113,6 +113,8 @@ def _message(err: ErrorDetails) -> str:
         op, bound = _BOUNDS[kind]
         limit = ctx[bound]
         return f"must be {op} {f'{limit:g}' if isinstance(limit, float) else limit}, got {value!r}"
+    if kind == "finite_number":
+        return f"must be a finite number, got {value!r}"
     if kind == "literal_error":
         return f"must be {ctx['expected']}, got {value!r}"
     if kind in ("extra_forbidden", "unexpected_keyword_argument"):
