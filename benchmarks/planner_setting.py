@@ -42,6 +42,7 @@ class Run:
     # the widest that keeps reactive scaling's SLO attainment (the cheapest at equal service).
     oracle_smooth_min: tuple[int, ...] = (5, 3, 2, 1)
     time_limit_s: float = 2.0  # per solve; the best plan found by then is kept
+    headroom: float = 0.2  # capacity planned above the forecast interactive demand
 
 
 # The setting ------------------------------------------------------------------------------
@@ -70,6 +71,7 @@ def setting(run: Run, models: tuple[str, ...], regions: tuple[str, ...]) -> Sett
         slot_minutes=run.slot_minutes,
         slots=run.slots,
         time_limit_s=run.time_limit_s,
+        headroom=run.headroom,
     )
 
 

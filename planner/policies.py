@@ -15,10 +15,11 @@ through a `Forecaster`, which is handed the minute `now_min` and may read nothin
   (above 0.5).
 - `lt-ua`: lt-u, plus an override checked every minute: when a series' demand over the last
   minutes exceeds the plan's forecast for the slot by `surprise`, it gets the engines that
-  demand needs at once.
-- `oracle`: the integer program on the true future demand; a lower bound of the GPU-hours a
-  plan with these start-up delays can reach at the SLO attainment its smoothing keeps (the
-  evaluation replays several widths and takes the cheapest that keeps reactive scaling's).
+  demand needs at once, of the type that starts fastest.
+- `oracle`: the integer program on the true future demand, each slot sized for its busiest
+  `smooth_min`-minute mean; the cheapest such plan of the future at the SLO attainment its
+  smoothing keeps (the evaluation replays several widths and takes the cheapest that keeps
+  reactive scaling's), not a bound on policies that also react within a slot.
 """
 
 from __future__ import annotations
@@ -268,7 +269,7 @@ class LongTerm:
         surprise: float = 1.5,
         up: float = 0.5,
         down: float = 0.25,
-        batch_deadline_slots: int = 4,
+        batch_deadline_min: float = 60.0,
     ) -> None:
         self.name = name
         self.setting = setting
@@ -278,7 +279,8 @@ class LongTerm:
         self.recent = recent
         self.surprise = surprise
         self.up, self.down = up, down
-        self.batch_deadline_slots = batch_deadline_slots
+        # Batch due within the shortest deadline the workload gives, in whole slots.
+        self.batch_deadline_slots = max(0, int(batch_deadline_min // setting.slot_minutes))
         self.target: dict[Key, int] = {}
         self.plan: Plan | None = None
         self.slot_upper: dict[Series, float] = {}
@@ -324,7 +326,8 @@ class LongTerm:
             expected = self.slot_upper.get((m, r), 0.0)
             if demand <= self.surprise * expected:
                 continue
-            types = s.by_preference(m)
+            # A surprise is served soonest by the type that starts fastest, whatever its price.
+            types = sorted(s.by_preference(m), key=lambda e: e.startup_min)
             keys = [(m, r, e.gpu) for e in types]
             have = sum(
                 self.target.get(k, 0) * e.tokens_per_s for k, e in zip(keys, types, strict=True)
@@ -342,7 +345,7 @@ class LongTerm:
         for (m, r, cls), per_slot in fc.items():
             if cls == "interactive":
                 self.slot_upper[m, r] = per_slot[0].upper
-        # Forecasts per second; batch due within the shortest deadline the workload gives.
+        # Forecasts per second.
         interactive, batch = program_demand(fc, s.slot_minutes, self.batch_deadline_slots, 1.0)
         inp = PlanInput(
             regions=s.regions,

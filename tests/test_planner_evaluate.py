@@ -325,3 +325,37 @@ def test_long_term_plans_a_start_up_shortfall_once_and_times_an_infeasible_one_a
     assert tight.decide(0, fleet)[KEY] == 3
     assert (tight.infeasible, len(tight.solve_s), len(tight.elastic_s)) == (1, 1, 1)
     assert tight.solve_s[0] > 0 and tight.elastic_s[0] > 0
+
+
+def test_lt_ua_meets_a_surprise_with_the_type_that_starts_fastest() -> None:
+    # Two types: the cheaper per token (A100) starts in 8 minutes, the H100 in 6.
+    a100, h100 = (
+        capacity_at_slo(PerfModel.named(g, MODEL), SHAPE, 0.05, 1) for g in ("A100", "H100")
+    )
+    types = (EngineType(MODEL, "A100", 1, a100.prompt_tokens_per_s, 8.0),
+             EngineType(MODEL, "H100", 1, h100.prompt_tokens_per_s, 6.0))  # fmt: skip
+    st = Setting(("r",), (GpuType("A100", 1.8), GpuType("H100", 3.5)), types, slot_minutes=5,
+                 slots=6, solver="cbc")  # fmt: skip
+    assert st.cheapest(MODEL).gpu == "A100"
+    flat = 0.5 * types[0].tokens_per_s  # the plan: one A100 holds it with headroom
+    series = {(MODEL, "r", "interactive"): [flat] * 120, (MODEL, "r", "batch"): [0.0] * 120}
+    seen = {"demand": flat}
+    policy = LongTerm("lt-ua", st, TrueFuture(series, smooth_min=1), gated=True,
+                      recent=lambda now: {(MODEL, "r"): seen["demand"]})  # fmt: skip
+    fleet = FleetState(60.0, (RunningEngine(MODEL, "r", "A100", 60.0),), {(MODEL, "r"): 0.5})
+    first = policy.decide(60, fleet)
+    assert first == {(MODEL, "r", "A100"): 1, (MODEL, "r", "H100"): 0} and policy.overrides == 0
+    # Demand within `surprise` of the forecast: the plan stands.
+    seen["demand"] = 1.4 * flat
+    assert policy.decide(61, fleet) == first and policy.overrides == 0
+    # Four times the forecast: H100s for what the engines asked for cannot hold, at once.
+    seen["demand"] = 4 * flat
+    got = policy.decide(62, fleet)
+    assert got[MODEL, "r", "A100"] == 1 and got[MODEL, "r", "H100"] >= 1
+    have = (
+        got[MODEL, "r", "A100"] * types[0].tokens_per_s
+        + got[MODEL, "r", "H100"] * types[1].tokens_per_s
+    )
+    assert have >= (1 + st.headroom) * 4 * flat
+    assert have - types[1].tokens_per_s < (1 + st.headroom) * 4 * flat  # no more than that
+    assert policy.overrides == 1
