@@ -322,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     oracles_run = [f"oracle@{w}" for w in run.oracle_smooth_min]
     names = [x for n in names for x in (oracles_run if n == "oracle" else [n])]
     t_all = time.perf_counter()
+    a.out.parent.mkdir(parents=True, exist_ok=True)
     trace = generate(WorkloadConfig(days=run.days, seed=run.seed, peak_rps=run.peak_rps))
     series = series_of(trace)
     st = setting(run, trace.config.models, tuple(r.name for r in trace.config.regions))
