@@ -16,6 +16,7 @@ planning time; they are made once per planning minute and shared by lt-i, lt-u a
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import multiprocessing as mp
@@ -189,6 +190,37 @@ def _forecast_at(minute: int) -> tuple[int, dict[tuple[str, str, str], Any]]:
     return minute, past.forecasts(minute, st.slot_minutes * st.slots)
 
 
+def _forecast_key(
+    series: dict[tuple[str, str, str], list[float]],
+    past: PastForecaster,
+    minutes: list[int],
+    horizon: int,
+) -> str:
+    """What the forecasts depend on: the series, the forecast settings, the planning minutes
+    and the horizon."""
+    h = hashlib.sha256(repr((sorted(series), past.configs, minutes, horizon)).encode())
+    for k in sorted(series):
+        h.update(np.asarray(series[k], dtype=float).tobytes())
+    return h.hexdigest()
+
+
+def _load_forecasts(path: Path, key: str, past: PastForecaster) -> bool:
+    """Fill `past`'s cache from a file an earlier run wrote for the same `key`; False (and
+    why, when the file exists) otherwise."""
+    if not path.exists():
+        return False
+    try:
+        saved = pickle.loads(path.read_bytes())
+    except Exception as e:  # unpickling other bytes fails in any of a dozen ways
+        print(f"{path}: not a forecast file of this benchmark ({e}); forecasting again")
+        return False
+    if not isinstance(saved, dict) or saved.get("key") != key:
+        print(f"{path}: forecasts of another trace or setting; forecasting again")
+        return False
+    past.cache.update(saved["cache"])
+    return True
+
+
 # The whole benchmark ----------------------------------------------------------------------
 
 
@@ -265,6 +297,16 @@ def pick_oracle(results: dict[str, dict[str, Any]], widths: tuple[int, ...]) -> 
     }  # fmt: skip
 
 
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="1 day at peak_rps 1, 30-minute slots")
@@ -278,7 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smooth-min", type=int, default=1, help="minutes per forecast step")
     # 0.18: the least of those tried on the week that keeps reactive scaling's SLO attainment
     # with lt-ua (docs/PLANNER.md, choosing the plan's step, headroom and override).
-    p.add_argument("--headroom", type=float, default=0.18, help="capacity above the forecast")
+    p.add_argument(
+        "--headroom", type=_non_negative, default=0.18, help="capacity above the forecast"
+    )
     p.add_argument(
         "--oracle-smooth-min",
         default="5,3,2,1",
@@ -289,9 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--forecasts",
         type=Path,
-        help="a file of forecasts: read when an earlier run with the same trace and forecast "
-        "settings wrote it, written otherwise (the report's forecast time is then that of "
-        "reading it)",
+        help="a file of forecasts (a pickle: only one this benchmark wrote): read when an "
+        "earlier run with the same trace and forecast settings wrote it, written otherwise "
+        "(the report's forecast time is then that of reading it)",
     )
     p.add_argument(
         "--out", type=Path, default=DOCS / "planner.json", help="PLANNER.md and plots beside it"
@@ -343,12 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     minutes = list(range(0, run.days * 1440, run.slot_minutes))
     ctx = mp.get_context("fork")
-    # The forecasts depend on the trace, the forecast settings and the planning minutes only.
-    key = repr((run.days, run.peak_rps, run.seed, run.slot_minutes, run.slots, past.configs))
-    saved = pickle.loads(a.forecasts.read_bytes()) if a.forecasts and a.forecasts.exists() else {}
-    if saved.get("key") == key:
-        past.cache.update(saved["cache"])
-    elif any(n.startswith("lt-") for n in names):
+    key = _forecast_key(series, past, minutes, st.slot_minutes * st.slots)
+    loaded = a.forecasts is not None and _load_forecasts(a.forecasts, key, past)
+    if not loaded and any(n.startswith("lt-") for n in names):
         with ctx.Pool(a.jobs) as pool:
             for minute, fc in pool.imap_unordered(_forecast_at, minutes, chunksize=4):
                 past.cache[minute, st.slot_minutes * st.slots] = fc

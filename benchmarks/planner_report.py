@@ -133,16 +133,16 @@ def report(out: dict[str, Any], gpus: Sequence[GpuType], startup_min: Mapping[st
                 continue
             q = pol[name]
             lines.append(
-                f"| {name} | {100 * (q['gpu_hours'] / r['gpu_hours'] - 1):+.1f}% (target <= "
-                f"-25%) | {100 * (q['gpu_hours'] / o['gpu_hours'] - 1):+.1f}% (target <= +10%) "
-                f"| {100 * (q['slo_attainment'] - r['slo_attainment']):+.2f} points | "
+                f"| {name} | {_vs(q['gpu_hours'], r['gpu_hours'])} (target <= -25%) | "
+                f"{_vs(q['gpu_hours'], o['gpu_hours'])} (target <= +10%) | "
+                f"{_points(q['slo_attainment'], r['slo_attainment'])} | "
                 f"{q['batch_missed']} | {q['scale_ups']} vs {r['scale_ups']} |"
             )
         worst = [
             f"{n} {100 * d['slo_attainment']:.2f}% (day {d['day']})"
             for n, q in pol.items()
             if q.get("days")
-            for d in [min(q["days"], key=lambda d: d["slo_attainment"])]
+            for d in [_worst_day(q)]
         ]
         if worst:
             lines += ["", "Each policy's worst day of SLO attainment: " + ", ".join(worst) + "."]
@@ -207,6 +207,22 @@ def report(out: dict[str, Any], gpus: Sequence[GpuType], startup_min: Mapping[st
     return "\n".join(lines) + "\n"
 
 
+def _vs(value: float, ref: float) -> str:
+    """`value` against `ref` as a signed percentage."""
+    return f"{100 * (value / ref - 1):+.1f}%"
+
+
+def _points(slo: float, ref: float) -> str:
+    """SLO attainment against `ref`, in percentage points."""
+    return f"{100 * (slo - ref):+.2f} points"
+
+
+def _worst_day(policy: Mapping[str, Any]) -> dict[str, Any]:
+    """The day of `policy`'s lowest SLO attainment."""
+    day: dict[str, Any] = min(policy["days"], key=lambda d: d["slo_attainment"])
+    return day
+
+
 def _oracles(
     variants: list[dict[str, Any]] | None,
     chosen: int | None,
@@ -236,9 +252,8 @@ def _oracles(
         mark = " (the oracle)" if v["smooth_min"] == chosen else ""
         lines.append(
             f"| {v['smooth_min']}{mark} | {v['gpu_hours']:,.0f} | "
-            f"{100 * (v['gpu_hours'] / reactive['gpu_hours'] - 1):+.1f}% | "
-            f"{100 * v['slo_attainment']:.2f}% | "
-            f"{100 * (v['slo_attainment'] - reactive['slo_attainment']):+.2f} points | "
+            f"{_vs(v['gpu_hours'], reactive['gpu_hours'])} | {100 * v['slo_attainment']:.2f}% | "
+            f"{_points(v['slo_attainment'], reactive['slo_attainment'])} | "
             f"{v['scale_ups']} | {v['batch_missed']} |"
         )
     if oracle and beaten:
@@ -268,7 +283,7 @@ def _plan_variants(v: dict[str, Any] | None, reactive: dict[str, Any] | None) ->
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in v["runs"]:
-        vs = f"{100 * (r['gpu_hours'] / reactive['gpu_hours'] - 1):+.1f}%" if reactive else "-"
+        vs = _vs(r["gpu_hours"], reactive["gpu_hours"]) if reactive else "-"
         lines.append(
             f"| {r['slot_minutes']} | {r['headroom']:g} | {r['override']} | {r['policy']} | "
             f"{r['gpu_hours']:,.0f} | {vs} | {100 * r['slo_attainment']:.2f}% | "
@@ -293,12 +308,11 @@ def _held_out(v: dict[str, Any] | None) -> list[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, q in pol.items():
-        worst = min(q["days"], key=lambda d: d["slo_attainment"])
+        worst = _worst_day(q)
         lines.append(
-            f"| {name} | {q['gpu_hours']:,.0f} | "
-            f"{100 * (q['gpu_hours'] / r['gpu_hours'] - 1):+.1f}% | "
+            f"| {name} | {q['gpu_hours']:,.0f} | {_vs(q['gpu_hours'], r['gpu_hours'])} | "
             f"{100 * q['slo_attainment']:.2f}% | "
-            f"{100 * (q['slo_attainment'] - r['slo_attainment']):+.2f} points | "
+            f"{_points(q['slo_attainment'], r['slo_attainment'])} | "
             f"{100 * worst['slo_attainment']:.2f}% (day {worst['day']}) | {q['scale_ups']} | "
             f"{q['batch_missed']} of {q['batch']} |"
         )
@@ -323,7 +337,7 @@ def _variants(v: dict[str, Any] | None) -> list[str]:
         reactive = r.get("reactive_slo")
         lines.append(
             f"| {r['trace']} | {_of(r['smooth_min'])} | {r['quantile']:g} | "
-            f"{r['gpu_hours']:.1f} | {100 * (r['gpu_hours'] / r['oracle_gpu_hours'] - 1):+.1f}% "
+            f"{r['gpu_hours']:.1f} | {_vs(r['gpu_hours'], r['oracle_gpu_hours'])} "
             f"| {100 * r['slo_attainment']:.2f}% | {100 * r['oracle_slo']:.2f}% | "
             + (f"{100 * reactive:.2f}% |" if reactive is not None else "not run |")
         )
