@@ -73,7 +73,8 @@ _SHARED: dict[str, Any] = {}  # what forked workers inherit: the trace, forecast
 
 
 def replay(name: str) -> dict[str, Any]:
-    """One policy over the trace; `oracle@W` is the oracle sizing for W-minute means."""
+    """One policy over the trace; `oracle@W:H` is the oracle sizing for W-minute means with
+    headroom H."""
     run: Run = _SHARED["run"]
     trace: Trace = _SHARED["trace"]
     st: Setting = _SHARED["setting"]
@@ -124,8 +125,13 @@ def replay(name: str) -> dict[str, Any]:
             for m, r in st.series
         }
 
-    base, _, w = name.partition("@")
-    policy = build(base, st, past, TrueFuture(series, int(w or run.oracle_smooth_min[0])), recent)
+    base, _, variant = name.partition("@")
+    w, h = run.oracle[0]
+    if variant:  # oracle@W:H
+        w_text, _, h_text = variant.partition(":")
+        w, h = int(w_text), float(h_text)
+        st = replace(st, headroom=h)
+    policy = build(base, st, past, TrueFuture(series, w), recent, surprise=run.surprise)
     rep = ev.Replay(
         sim, policy, st, lambda k, n: spec(k, n, run), until_s=end_s - 60, on_add=profile
     )
@@ -167,6 +173,8 @@ def replay(name: str) -> dict[str, Any]:
         total["solve_max_s"] = max(policy.solve_s, default=0.0)
         total["solve_mean_s"] = float(np.mean(policy.solve_s)) if policy.solve_s else 0.0
         total["solve_p99_s"] = ev.percentile(policy.solve_s, 0.99)
+        total["solver_max_s"] = max(policy.solver_s, default=0.0)
+        total["solver_p99_s"] = ev.percentile(policy.solver_s, 0.99)
         total["plans"] = len(policy.solve_s)
         total["elastic_max_s"] = max(policy.elastic_s, default=0.0)
         total["not_optimal"] = policy.not_optimal
@@ -274,27 +282,59 @@ def ilp_solvers(
 
 
 CARRIED = ("plan_variants", "held_out", "forecast_variants")
+# The oracle's candidates (width in minutes, headroom): the true future at the plan's headroom
+# and around it, narrower means with less headroom.
+ORACLES = ((2, 0.15), (2, 0.2), (1, 0.06), (1, 0.12))
 
 
-def pick_oracle(results: dict[str, dict[str, Any]], widths: tuple[int, ...]) -> dict[str, Any]:
-    """Replace the `oracle@W` entries of `results` by one `oracle`: the widest W whose SLO
-    attainment is at least reactive scaling's (the narrowest when none is, the widest when
-    reactive was not run); returns the candidates' figures and the choice for the JSON."""
-    cands = {w: results.pop(f"oracle@{w}") for w in widths if f"oracle@{w}" in results}
+def _oracle_name(w: int, h: float) -> str:
+    return f"oracle@{w}:{h:g}"
+
+
+def pick_oracle(
+    results: dict[str, dict[str, Any]], candidates: tuple[tuple[int, float], ...]
+) -> dict[str, Any]:
+    """Replace the `oracle@W:H` entries of `results` by one `oracle`: the cheapest candidate
+    whose SLO attainment is at least reactive scaling's (the one of the highest attainment
+    when none is; the cheapest when reactive was not run); returns the candidates' figures
+    and the choice for the JSON."""
+    cands = {
+        (w, h): results.pop(_oracle_name(w, h))
+        for w, h in candidates
+        if _oracle_name(w, h) in results
+    }
     if not cands:
         return {}
     ref = results.get("reactive", {}).get("slo_attainment")
-    ok = [w for w in cands if ref is None or cands[w]["slo_attainment"] >= ref]
-    chosen = ok[0] if ok else list(cands)[-1]
+    ok = [c for c in cands if ref is None or cands[c]["slo_attainment"] >= ref]
+    if ok:
+        chosen = min(ok, key=lambda c: cands[c]["gpu_hours"])
+    else:
+        chosen = max(cands, key=lambda c: cands[c]["slo_attainment"])
     results["oracle"] = cands[chosen]
+    keep = ("gpu_hours", "slo_attainment", "scale_ups", "batch_missed")
     return {
-        "oracle_smooth_min": chosen,
+        "oracle_smooth_min": chosen[0],
+        "oracle_headroom": chosen[1],
         "oracle_variants": [
-            {"smooth_min": w, **{k: r[k] for k in ("gpu_hours", "slo_attainment", "scale_ups",
-                                                   "batch_missed")}}
-            for w, r in cands.items()
+            {"smooth_min": w, "headroom": h, **{k: r[k] for k in keep}}
+            for (w, h), r in cands.items()
         ],
-    }  # fmt: skip
+    }
+
+
+def _oracle_candidates(text: str) -> tuple[tuple[int, float], ...]:
+    out = []
+    for part in text.split(","):
+        w, sep, h = part.partition(":")
+        try:
+            cand = (int(w), float(h))
+        except ValueError:
+            cand = (0, math.nan)
+        if not (sep and cand[0] >= 1 and math.isfinite(cand[1]) and cand[1] >= 0):
+            raise argparse.ArgumentTypeError(f"expected W:H pairs (W >= 1, H >= 0), got {part!r}")
+        out.append(cand)
+    return tuple(out)
 
 
 def _non_negative(text: str) -> float:
@@ -318,16 +358,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policies", default=",".join(POLICIES))
     p.add_argument("--quantile", type=float, default=0.95, help="of the interactive forecast")
     p.add_argument("--smooth-min", type=int, default=1, help="minutes per forecast step")
-    # 0.18: the least of those tried on the week that keeps reactive scaling's SLO attainment
-    # with lt-ua (docs/PLANNER.md, choosing the plan's step, headroom and override).
+    # Headroom 0.15 and override 1.25: chosen with lt-ua on the seed-1 week (docs/PLANNER.md,
+    # choosing the plan's step, headroom and override).
     p.add_argument(
-        "--headroom", type=_non_negative, default=0.18, help="capacity above the forecast"
+        "--headroom", type=_non_negative, default=0.15, help="capacity above the forecast"
     )
     p.add_argument(
-        "--oracle-smooth-min",
-        default="5,3,2,1",
-        help="minutes of true demand the oracle's slot peak may be averaged over, widest "
-        "first; the widest that keeps reactive's SLO is the oracle",
+        "--surprise",
+        type=_non_negative,
+        default=1.25,
+        help="lt-ua's override: recent demand over the slot's upper forecast that starts "
+        "engines at once",
+    )
+    p.add_argument(
+        "--oracle",
+        type=_oracle_candidates,
+        default=ORACLES,
+        help="the oracle's candidates as W:H pairs (a slot sized for its busiest W-minute "
+        "mean of the true demand, with headroom H); the cheapest that keeps reactive's SLO "
+        "is the oracle",
     )
     p.add_argument("--jobs", type=int, default=2, help="policies replayed in parallel")
     p.add_argument(
@@ -359,11 +408,12 @@ def main(argv: list[str] | None = None) -> int:
         quantile=a.quantile,
         smooth_min=a.smooth_min,
         headroom=a.headroom,
-        oracle_smooth_min=tuple(int(w) for w in a.oracle_smooth_min.split(",")),
+        surprise=a.surprise,
+        oracle=a.oracle,
     )
     names = [n for n in a.policies.split(",") if n]
     # Every oracle candidate is replayed; the choice is made once reactive's SLO is known.
-    oracles_run = [f"oracle@{w}" for w in run.oracle_smooth_min]
+    oracles_run = [_oracle_name(w, h) for w, h in run.oracle]
     names = [x for n in names for x in (oracles_run if n == "oracle" else [n])]
     t_all = time.perf_counter()
     a.out.parent.mkdir(parents=True, exist_ok=True)
@@ -399,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"forecasts at {len(minutes)} planning minutes: {forecast_s:.0f} s", flush=True)
     with ctx.Pool(min(a.jobs, len(names))) as pool:
         results = dict(zip(names, pool.map(replay, names, chunksize=1), strict=True))
-    oracles = pick_oracle(results, run.oracle_smooth_min)
+    oracles = pick_oracle(results, run.oracle)
     accuracy = ev.forecast_accuracy(
         {k: v for k, v in series.items() if k[2] == "interactive"},
         {
@@ -427,7 +477,9 @@ def main(argv: list[str] | None = None) -> int:
         ],
         "slo": {m: {"ttft_s": s.ttft_s, "tpot_s": s.tpot_s} for m, s in _SHARED["slos"].items()},
         "policies": {n: {k: v for k, v in r.items() if k != "samples"} for n, r in results.items()},
-        "solve_s": max((r.get("solve_max_s", 0.0) for r in results.values()), default=0.0),
+        # The solver's time on the program; with PuLP's building of it, "plan_s".
+        "solve_s": max((r.get("solver_max_s", 0.0) for r in results.values()), default=0.0),
+        "plan_s": max((r.get("solve_max_s", 0.0) for r in results.values()), default=0.0),
         "elastic_solve_s": max(
             (r.get("elastic_max_s", 0.0) for r in results.values()), default=0.0
         ),

@@ -23,11 +23,12 @@ def table(results: dict[str, dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
+        solver = r.get("solver_max_s")
         rows.append(
             f"| {name} | {r['gpu_hours']:.1f} | {r['cost']:.0f} | "
             f"{100 * r['slo_attainment']:.2f}% | {r['batch_missed']} of {r['batch']} | "
             f"{r['scale_ups']} | {r['startup_gpu_minutes']:.0f} | "
-            f"{r.get('solve_max_s', float('nan')):.2f} |"
+            f"{'-' if solver is None else f'{solver:.2f}'} |"
         )
     rows.append("")
     rows.append(
@@ -95,13 +96,12 @@ def report(out: dict[str, Any], gpus: Sequence[GpuType], startup_min: Mapping[st
         f"{_of(run.get('smooth_min', 1))}, from the minutes before the planning time "
         f"only; a slot is sized for the largest upper {run.get('quantile', 0.95):g} quantile "
         f"in it, plus {100 * run.get('headroom', 0.2):g}% headroom. The oracle sizes each "
-        "slot for its busiest "
-        f"{out.get('oracle_smooth_min', run.get('oracle_smooth_min', 5))}-minute mean of the "
-        "true demand, with the same headroom"
+        f"slot for its busiest {out.get('oracle_smooth_min', 5)}-minute mean of the true "
+        f"demand, plus {100 * out.get('oracle_headroom', run.get('headroom', 0.2)):g}% headroom"
         + (
-            ": of the widths tried, the widest whose SLO attainment is at least reactive "
-            "scaling's, so that it is the cheapest plan of the true future at equal service "
-            "(each width's figures under Targets). "
+            ": of the widths and headrooms tried, the cheapest whose SLO attainment is at least "
+            "reactive scaling's, the cheapest plan of the true future at equal service found "
+            "(each candidate's figures under Targets). "
             if out.get("oracle_variants")
             else ". "
         )
@@ -111,13 +111,15 @@ def report(out: dict[str, Any], gpus: Sequence[GpuType], startup_min: Mapping[st
         "Reactive: per (model, "
         "region), up above 0.5 utilisation, down below 0.25, the same start-up times. LT-U "
         "gates the plan by measured utilisation, LT-UA adds an override when demand surprises "
-        "the forecast (1.5 x the slot's upper forecast over the last 2 minutes: engines of the "
-        "type that starts fastest at once); the oracle plans with the true future.",
+        f"the forecast ({run.get('surprise', 1.5):g} x the slot's upper forecast over the last "
+        "2 minutes: engines of the type that starts fastest at once); the oracle plans with the "
+        "true future.",
         "",
         "## Results",
         "",
         table(pol),
         "",
+        *_latency(pol, out["slo"]),
     ]
     r, o = pol.get("reactive"), pol.get("oracle")
     if r and o:
@@ -146,7 +148,8 @@ def report(out: dict[str, Any], gpus: Sequence[GpuType], startup_min: Mapping[st
         ]
         if worst:
             lines += ["", "Each policy's worst day of SLO attainment: " + ", ".join(worst) + "."]
-        lines += _oracles(out.get("oracle_variants"), out.get("oracle_smooth_min"), r, pol)
+        chosen = (out.get("oracle_smooth_min"), out.get("oracle_headroom"))
+        lines += _oracles(out.get("oracle_variants"), chosen, r, pol)
         solvers = out.get("solvers_busiest_program_s", {})
         lt = {n: q for n, q in pol.items() if "plans" in q}
         lines += [
@@ -156,19 +159,23 @@ def report(out: dict[str, Any], gpus: Sequence[GpuType], startup_min: Mapping[st
             + ", ".join(f"{k} {v:.2f} s" for k, v in solvers.items())
             + " (target under 1 s).",
             "",
-            "Every plan of the run, timed apart (wall time of building and solving each "
-            "program, waits for a core included; two replays share the two cores; the solver "
-            "stops at "
-            f"{out.get('time_limit_s', 10):g} s with the best plan found so far):",
+            "Every plan of the run, timed apart (wall time, waits for a core included; two "
+            "replays share the two cores; the solver stops at "
+            f"{out.get('time_limit_s', 10):g} s with the best plan found so far). The solver's "
+            "time is the largest solve above and `solve_s` in the JSON; with PuLP's building "
+            "of the program in Python before it, `plan_s`:",
             "",
-            "| policy | plans | largest solve (s) | p99 (s) | mean (s) | cut by the time limit "
-            "| start-up shortfalls | infeasible | largest elastic re-solve (s) |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| policy | plans | largest solve (s) | p99 (s) | largest build and solve (s) | "
+            "p99 (s) | mean (s) | cut by the time limit | start-up shortfalls | infeasible | "
+            "largest elastic re-solve (s) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
+        nan = float("nan")
         lines += [
-            f"| {n} | {q['plans']} | {q['solve_max_s']:.2f} | {q['solve_p99_s']:.2f} | "
-            f"{q['solve_mean_s']:.2f} | {q['not_optimal']} | {q['startup_short']} | "
-            f"{q['infeasible']} | {q['elastic_max_s']:.2f} |"
+            f"| {n} | {q['plans']} | {q.get('solver_max_s', nan):.2f} | "
+            f"{q.get('solver_p99_s', nan):.2f} | {q['solve_max_s']:.2f} | "
+            f"{q['solve_p99_s']:.2f} | {q['solve_mean_s']:.2f} | {q['not_optimal']} | "
+            f"{q['startup_short']} | {q['infeasible']} | {q['elastic_max_s']:.2f} |"
             for n, q in lt.items()
         ]
         lines += [
@@ -207,6 +214,28 @@ def report(out: dict[str, Any], gpus: Sequence[GpuType], startup_min: Mapping[st
     return "\n".join(lines) + "\n"
 
 
+def _latency(pol: Mapping[str, Any], slo: Mapping[str, Any]) -> list[str]:
+    """Each model's p95 TTFT and end-to-end latency of its interactive requests, per policy."""
+    names = [n for n, q in pol.items() if q.get("per_model")]
+    if not names:
+        return []
+    lines = [
+        "Interactive requests per model: p95 TTFT against the model's TTFT SLO, and p95 "
+        "end-to-end latency (s):",
+        "",
+        "| model | TTFT SLO | " + " | ".join(f"{n} TTFT / e2e" for n in names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
+    for m, s in slo.items():
+        cells = [
+            f"{q['p95_ttft_s']:.2f} / {q['p95_e2e_s']:.1f}"
+            for n in names
+            for q in [pol[n]["per_model"][m]]
+        ]
+        lines.append(f"| {m} | {s['ttft_s']:g} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def _vs(value: float, ref: float) -> str:
     """`value` against `ref` as a signed percentage."""
     return f"{100 * (value / ref - 1):+.1f}%"
@@ -225,12 +254,12 @@ def _worst_day(policy: Mapping[str, Any]) -> dict[str, Any]:
 
 def _oracles(
     variants: list[dict[str, Any]] | None,
-    chosen: int | None,
+    chosen: tuple[int | None, float | None],
     reactive: dict[str, Any],
     pol: dict[str, dict[str, Any]],
 ) -> list[str]:
-    """The oracle at each width of true-demand mean it was replayed with, and the policies
-    (if any) that used fewer GPU-hours than the chosen one."""
+    """The oracle at each (width of true-demand mean, headroom) it was replayed with, and the
+    policies (if any) that used fewer GPU-hours than the chosen one."""
     if not variants:
         return []
     oracle = pol.get("oracle")
@@ -241,17 +270,20 @@ def _oracles(
     ]
     lines = [
         "",
-        "The oracle at each width it was replayed with (a slot sized for its busiest w-minute "
-        "mean of the true demand; wider means are cheaper and let more minute-scale swings "
-        "queue past the SLO):",
+        "The oracle at each candidate it was replayed with (a slot sized for its busiest "
+        "w-minute mean of the true demand plus the headroom; wider means and less headroom are "
+        "cheaper and let more minute-scale swings queue past the SLO):",
         "",
-        "| w (min) | GPU-hours | vs reactive | SLO | vs reactive | scale-ups | batch missed |",
-        "|---|---|---|---|---|---|---|",
+        "| w (min) | headroom | GPU-hours | vs reactive | SLO | vs reactive | scale-ups | "
+        "batch missed |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for v in variants:
-        mark = " (the oracle)" if v["smooth_min"] == chosen else ""
+        h = v.get("headroom")
+        mark = " (the oracle)" if (v["smooth_min"], h) == chosen else ""
         lines.append(
-            f"| {v['smooth_min']}{mark} | {v['gpu_hours']:,.0f} | "
+            f"| {v['smooth_min']}{mark} | {'-' if h is None else f'{h:g}'} | "
+            f"{v['gpu_hours']:,.0f} | "
             f"{_vs(v['gpu_hours'], reactive['gpu_hours'])} | {100 * v['slo_attainment']:.2f}% | "
             f"{_points(v['slo_attainment'], reactive['slo_attainment'])} | "
             f"{v['scale_ups']} | {v['batch_missed']} |"
@@ -259,19 +291,19 @@ def _oracles(
     if oracle and beaten:
         lines += [
             "",
-            f"Here {', '.join(beaten)} used fewer GPU-hours than the oracle. Only its "
-            f"{chosen}-minute width kept reactive scaling's SLO attainment, and a slot sized "
-            "for the busiest minutes of the true demand pays for their Poisson peaks; a plan "
-            "for a quantile of the forecast pays for less, and lt-ua's override meets within "
-            "minutes what the forecast missed. The oracle is the cheapest of these plans of "
-            "the true future at equal service, not a lower bound on policies that react "
-            "within a slot.",
+            f"Here {', '.join(beaten)} used fewer GPU-hours than the oracle. A slot sized for "
+            "the busiest minutes of the true demand pays for their Poisson peaks; a plan for a "
+            "quantile of the forecast pays for less, and lt-ua's override meets within minutes "
+            "what the forecast missed. The oracle is the cheapest of these plans of the true "
+            "future at equal service, not a lower bound on policies that react within a slot.",
         ]
     return lines
 
 
 def _plan_variants(v: dict[str, Any] | None, reactive: dict[str, Any] | None) -> list[str]:
-    """The plan's step, its headroom and lt-ua's override, each run on the week."""
+    """The plan's step, its headroom and lt-ua's override, each run on a week; a run is
+    compared with reactive scaling of its own week where it names it (`reactive_gpu_hours`,
+    `reactive_slo`), else with the page's."""
     if not v:
         return []
     lines = [
@@ -279,14 +311,19 @@ def _plan_variants(v: dict[str, Any] | None, reactive: dict[str, Any] | None) ->
         "",
         v["setting"],
         "",
-        "| slot (min) | headroom | override | policy | GPU-hours | vs reactive | SLO | worst day |",
-        "|---|---|---|---|---|---|---|---|",
+        "| week (seed) | slot (min) | headroom | override | policy | GPU-hours | vs reactive | "
+        "SLO | vs reactive | worst day |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in v["runs"]:
-        vs = _vs(r["gpu_hours"], reactive["gpu_hours"]) if reactive else "-"
+        ref_h = r.get("reactive_gpu_hours", reactive["gpu_hours"] if reactive else None)
+        ref_slo = r.get("reactive_slo", reactive["slo_attainment"] if reactive else None)
+        vs = "-" if ref_h is None else _vs(r["gpu_hours"], ref_h)
+        pts = "-" if ref_slo is None else _points(r["slo_attainment"], ref_slo)
         lines.append(
-            f"| {r['slot_minutes']} | {r['headroom']:g} | {r['override']} | {r['policy']} | "
-            f"{r['gpu_hours']:,.0f} | {vs} | {100 * r['slo_attainment']:.2f}% | "
+            f"| {r.get('seed', '-')} | {r['slot_minutes']} | {r['headroom']:g} | "
+            f"{r['override']} | {r['policy']} | {r['gpu_hours']:,.0f} | {vs} | "
+            f"{100 * r['slo_attainment']:.2f}% | {pts} | "
             f"{100 * r['worst_day_slo']:.2f}% (day {r['worst_day']}) |"
         )
     return [*lines, "", v["reading"], ""]

@@ -38,9 +38,10 @@ class Run:
     drain_s: float = 7200.0
     quantile: float = 0.95  # of the interactive forecast the plans size for
     smooth_min: int = 1  # minutes of demand averaged into one forecast step
-    # Minutes of true demand a slot's peak may be averaged over, widest first: the oracle is
-    # the widest that keeps reactive scaling's SLO attainment (the cheapest at equal service).
-    oracle_smooth_min: tuple[int, ...] = (5, 3, 2, 1)
+    # The oracle's candidates: (minutes of true demand a slot's peak is averaged over, its
+    # headroom); the oracle is the cheapest that keeps reactive scaling's SLO attainment.
+    oracle: tuple[tuple[int, float], ...] = ((1, 0.2),)
+    surprise: float = 1.5  # lt-ua's override threshold over the slot's upper forecast
     time_limit_s: float = 2.0  # per solve; the best plan found by then is kept
     headroom: float = 0.2  # capacity planned above the forecast interactive demand
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -27,7 +26,13 @@ from typing import Literal, Protocol
 
 import structlog
 
-from planner.forecast import ForecastConfig, SlotForecast, forecast, program_demand
+from planner.forecast import (
+    ForecastConfig,
+    SlotForecast,
+    deadline_slots,
+    forecast,
+    program_demand,
+)
 from planner.ilp import Solver, SolverError, solve
 from planner.problem import (
     EngineType,
@@ -198,7 +203,7 @@ def plan_input(
     cfg = ForecastConfig(quantile=s.quantile)
     horizon = s.slots * s.slot_minutes
     models, regions = set(s.models), set(s.regions)
-    deadline = max(0, math.ceil(s.batch_deadline_min / s.slot_minutes) - 1)
+    deadline = deadline_slots(s.batch_deadline_min, s.slot_minutes)
     slots: dict[DemandKey, Sequence[SlotForecast]] = {}
     for key, series in sorted(history.items()):
         model, region, _ = key

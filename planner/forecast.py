@@ -103,6 +103,16 @@ class Forecast:
         return tuple(out)
 
 
+def deadline_slots(deadline_min: float, slot_minutes: float) -> int:
+    """Slots after its release slot by whose end batch work released in it is due, so that
+    work that arrived at the release slot's start still meets a deadline of `deadline_min`
+    minutes: 60 minutes at 5-minute slots gives 11 (due by the end of slot i + 11)."""
+    if slot_minutes <= 0:
+        raise ValueError(f"slot_minutes must be > 0, got {slot_minutes}")
+    # The small allowance keeps 0.3 / 0.1 from flooring to 2.
+    return max(0, math.floor(deadline_min / slot_minutes + 1e-9) - 1)
+
+
 def program_demand(
     forecasts: Mapping[tuple[str, str, str], Sequence[SlotForecast]],
     slot_minutes: float,

@@ -29,7 +29,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from planner.forecast import Forecast, ForecastConfig, SlotForecast, forecast, program_demand
+from planner.forecast import (
+    Forecast,
+    ForecastConfig,
+    SlotForecast,
+    deadline_slots,
+    forecast,
+    program_demand,
+)
 from planner.ilp import Solver, SolverError, solve
 from planner.problem import (
     EngineType,
@@ -279,14 +286,16 @@ class LongTerm:
         self.recent = recent
         self.surprise = surprise
         self.up, self.down = up, down
-        # Batch due within the shortest deadline the workload gives, in whole slots.
-        self.batch_deadline_slots = max(0, int(batch_deadline_min // setting.slot_minutes))
+        # Batch due within the shortest deadline the workload gives, as the controller counts it.
+        self.batch_deadline_slots = deadline_slots(batch_deadline_min, setting.slot_minutes)
         self.target: dict[Key, int] = {}
         self.plan: Plan | None = None
         self.slot_upper: dict[Series, float] = {}
         # Wall time of each program (the first solve of every plan), and apart from it that of
-        # the elastic copy an infeasible one is solved again as.
+        # the elastic copy an infeasible one is solved again as; `solver_s` is the solver's
+        # part of `solve_s` (PuLP's building of the program left out).
         self.solve_s: list[float] = []
+        self.solver_s: list[float] = []
         self.elastic_s: list[float] = []
         self.infeasible = 0
         self.failed = 0  # no plan within the time limit: the last one stays
@@ -346,7 +355,9 @@ class LongTerm:
             if cls == "interactive":
                 self.slot_upper[m, r] = per_slot[0].upper
         # Forecasts per second.
-        interactive, batch = program_demand(fc, s.slot_minutes, self.batch_deadline_slots, 1.0)
+        interactive, batch = program_demand(
+            fc, s.slot_minutes, self.batch_deadline_slots, 1.0, s.slots - 1
+        )
         inp = PlanInput(
             regions=s.regions,
             gpus=s.gpus,
@@ -364,10 +375,12 @@ class LongTerm:
         try:
             plan = solve(inp, solver=s.solver, time_limit_s=s.time_limit_s)
             self.solve_s.append(plan.build_s + plan.solve_s)
+            self.solver_s.append(plan.solve_s)
         except Infeasible as e:
             self.infeasible += 1
             plan = e.best_effort
             self.solve_s.append(e.first_solve_s)
+            self.solver_s.append(e.first_solve_s)  # the building included: not apart here
             if plan is not None:
                 self.elastic_s.append(plan.build_s + plan.solve_s)
         except SolverError:
@@ -385,8 +398,10 @@ def build(
     past: Forecaster,
     future: Forecaster,
     recent: Callable[[int], Mapping[Series, float]],
+    surprise: float = 1.5,
 ) -> Reactive | LongTerm:
-    """The policy called `name` (one of `POLICIES`)."""
+    """The policy called `name` (one of `POLICIES`); `surprise` is lt-ua's override threshold
+    (recent demand over the slot's forecast upper quantile)."""
     if name == "reactive":
         return Reactive(setting)
     if name == "lt-i":
@@ -394,7 +409,7 @@ def build(
     if name == "lt-u":
         return LongTerm(name, setting, past, gated=True)
     if name == "lt-ua":
-        return LongTerm(name, setting, past, gated=True, recent=recent)
+        return LongTerm(name, setting, past, gated=True, recent=recent, surprise=surprise)
     if name == "oracle":
         return LongTerm(name, setting, future)
     raise KeyError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")

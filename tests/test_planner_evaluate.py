@@ -317,6 +317,9 @@ def test_long_term_plans_a_start_up_shortfall_once_and_times_an_infeasible_one_a
     target = policy.decide(0, fleet)
     # One program, solved once: the slot it cannot help is a named shortfall, not infeasible.
     assert (policy.infeasible, len(policy.solve_s), policy.elastic_s) == (0, 1, [])
+    # The solver's part of the plan's time, PuLP's building of the program left out.
+    assert policy.plan is not None and policy.solver_s == [policy.plan.solve_s]
+    assert 0 < policy.solver_s[0] < policy.solve_s[0]
     assert policy.startup_short == 1
     assert target[KEY] == math.ceil(1.2 * 5) and policy.plan is not None
     assert {s.kind for s in policy.plan.shortfalls} == {"startup"}
@@ -325,6 +328,7 @@ def test_long_term_plans_a_start_up_shortfall_once_and_times_an_infeasible_one_a
     assert tight.decide(0, fleet)[KEY] == 3
     assert (tight.infeasible, len(tight.solve_s), len(tight.elastic_s)) == (1, 1, 1)
     assert tight.solve_s[0] > 0 and tight.elastic_s[0] > 0
+    assert tight.solver_s == tight.solve_s  # not apart when the first program is infeasible
 
 
 def test_lt_ua_meets_a_surprise_with_the_type_that_starts_fastest() -> None:

@@ -12,6 +12,7 @@ from planner.forecast import (
     DAY_MIN,
     Forecast,
     ForecastConfig,
+    deadline_slots,
     forecast,
     forecast_at,
     mape,
@@ -203,3 +204,29 @@ def test_smoothed_forecast_is_of_block_means_and_sees_no_future() -> None:
     assert covered / total >= 0.8
     with pytest.raises(ValueError, match="smooth_min"):
         ForecastConfig(smooth_min=0)
+
+
+@pytest.mark.parametrize(
+    ("deadline_min", "slot_min", "slots"),
+    [
+        (60, 5, 11),
+        (60, 15, 3),
+        (61, 5, 11),
+        (0.3, 0.1, 2),
+        (4, 5, 0),
+        (0, 5, 0),
+        (30, 30, 0),
+        (90, 30, 2),
+    ],
+)
+def test_deadline_slots_keep_work_from_a_slot_start_within_its_deadline(
+    deadline_min: float, slot_min: float, slots: int
+) -> None:
+    assert deadline_slots(deadline_min, slot_min) == slots
+    # Work that arrives as its release slot starts is served by the end of slot i + slots.
+    assert (slots + 1) * slot_min <= max(deadline_min, slot_min) + 1e-9
+
+
+def test_deadline_slots_refuse_an_empty_slot() -> None:
+    with pytest.raises(ValueError, match="slot_minutes"):
+        deadline_slots(60, 0)
