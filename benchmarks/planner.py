@@ -32,6 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import machine
+from benchmarks.planner_oracle import oracle_candidates, oracle_name, parse_candidate, pick_oracle
 from benchmarks.planner_report import plot, report, table
 from benchmarks.planner_setting import (
     GPUS,
@@ -44,13 +45,13 @@ from benchmarks.planner_setting import (
     slos,
     spec,
 )
+from benchmarks.planner_solvers import ilp_solvers
 from engines.cluster import ClusterSim, EngineSpec
 from gateway.config.schema import parse
 from gateway.routing.latency import EngineProfile, PredictedLatency
 from gateway.simulate import GateFrontend
 from planner import evaluate as ev
 from planner.forecast import ForecastConfig
-from planner.ilp import highs_available, solve
 from planner.policies import (
     POLICIES,
     LongTerm,
@@ -59,7 +60,6 @@ from planner.policies import (
     TrueFuture,
     build,
 )
-from planner.problem import PlanInput, RunningEngine
 from planner.workload import Trace, WorkloadConfig, generate
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -128,8 +128,7 @@ def replay(name: str) -> dict[str, Any]:
     base, _, variant = name.partition("@")
     w, h = run.oracle[0]
     if variant:  # oracle@W:H
-        w_text, _, h_text = variant.partition(":")
-        w, h = int(w_text), float(h_text)
+        w, h = parse_candidate(variant)
         st = replace(st, headroom=h)
     policy = build(base, st, past, TrueFuture(series, w), recent, surprise=run.surprise)
     rep = ev.Replay(
@@ -232,109 +231,9 @@ def _load_forecasts(path: Path, key: str, past: PastForecaster) -> bool:
 # The whole benchmark ----------------------------------------------------------------------
 
 
-def ilp_solvers(
-    st: Setting, series: dict[tuple[str, str, str], list[float]], past: PastForecaster, minute: int
-) -> dict[str, float]:
-    """CBC against HiGHS on the evaluation's program at one planning minute (the busiest)."""
-    fc = past.forecasts(minute, st.slot_minutes * st.slots)
-    inter = {
-        (m, r): tuple(f.upper for f in fc[m, r, "interactive"].slots(st.slot_minutes))
-        for m, r in st.series
-    }
-    # Running now: what the forecast's first slot needs, the cheapest type first within the
-    # quotas, so that the program is feasible.
-    current = []
-    used: dict[tuple[str, str], int] = {}
-    for m, r in st.series:
-        need = (1 + st.headroom) * inter[m, r][0]
-        for e in st.by_preference(m):
-            room = (st.quotas.get((r, e.gpu), 10**9) - used.get((r, e.gpu), 0)) // e.gpus
-            n = min(room, math.ceil(need / e.tokens_per_s))
-            if n > 0:
-                current.append(RunningEngine(m, r, e.gpu, 60.0, n))
-                used[r, e.gpu] = used.get((r, e.gpu), 0) + n * e.gpus
-                need -= n * e.tokens_per_s
-        if need > 0:
-            raise ValueError(f"{m} in {r}: the quotas cannot hold the busiest program's demand")
-    inp = PlanInput(
-        st.regions,
-        st.gpus,
-        st.engines,
-        st.slots,
-        float(st.slot_minutes),
-        inter,
-        quotas=st.quotas,
-        current=current,
-        headroom=st.headroom,
-        min_engines={k: 1 for k in st.series},
-    )
-    out = {}
-    for solver in ("cbc", "highs"):
-        if solver == "highs" and not highs_available():
-            continue
-        best = math.inf
-        for _ in range(3):
-            t0 = time.perf_counter()
-            solve(inp, solver=solver)  # type: ignore[arg-type]
-            best = min(best, time.perf_counter() - t0)
-        out[solver] = best
-    return out
-
-
 CARRIED = ("plan_variants", "held_out", "forecast_variants")
-# The oracle's candidates (width in minutes, headroom): the true future at the plan's headroom
-# and around it, narrower means with less headroom.
-ORACLES = ((2, 0.15), (2, 0.2), (1, 0.06), (1, 0.12))
-
-
-def _oracle_name(w: int, h: float) -> str:
-    return f"oracle@{w}:{h:g}"
-
-
-def pick_oracle(
-    results: dict[str, dict[str, Any]], candidates: tuple[tuple[int, float], ...]
-) -> dict[str, Any]:
-    """Replace the `oracle@W:H` entries of `results` by one `oracle`: the cheapest candidate
-    whose SLO attainment is at least reactive scaling's (the one of the highest attainment
-    when none is; the cheapest when reactive was not run); returns the candidates' figures
-    and the choice for the JSON."""
-    cands = {
-        (w, h): results.pop(_oracle_name(w, h))
-        for w, h in candidates
-        if _oracle_name(w, h) in results
-    }
-    if not cands:
-        return {}
-    ref = results.get("reactive", {}).get("slo_attainment")
-    ok = [c for c in cands if ref is None or cands[c]["slo_attainment"] >= ref]
-    if ok:
-        chosen = min(ok, key=lambda c: cands[c]["gpu_hours"])
-    else:
-        chosen = max(cands, key=lambda c: cands[c]["slo_attainment"])
-    results["oracle"] = cands[chosen]
-    keep = ("gpu_hours", "slo_attainment", "scale_ups", "batch_missed")
-    return {
-        "oracle_smooth_min": chosen[0],
-        "oracle_headroom": chosen[1],
-        "oracle_variants": [
-            {"smooth_min": w, "headroom": h, **{k: r[k] for k in keep}}
-            for (w, h), r in cands.items()
-        ],
-    }
-
-
-def _oracle_candidates(text: str) -> tuple[tuple[int, float], ...]:
-    out = []
-    for part in text.split(","):
-        w, sep, h = part.partition(":")
-        try:
-            cand = (int(w), float(h))
-        except ValueError:
-            cand = (0, math.nan)
-        if not (sep and cand[0] >= 1 and math.isfinite(cand[1]) and cand[1] >= 0):
-            raise argparse.ArgumentTypeError(f"expected W:H pairs (W >= 1, H >= 0), got {part!r}")
-        out.append(cand)
-    return tuple(out)
+# The command line's defaults are the run's (Run is a slots dataclass: its fields read so).
+_RUN_DEFAULTS = {f.name: f.default for f in fields(Run)}
 
 
 def _non_negative(text: str) -> float:
@@ -358,22 +257,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policies", default=",".join(POLICIES))
     p.add_argument("--quantile", type=float, default=0.95, help="of the interactive forecast")
     p.add_argument("--smooth-min", type=int, default=1, help="minutes per forecast step")
-    # Headroom 0.15 and override 1.25: chosen with lt-ua on the seed-1 week (docs/PLANNER.md,
-    # choosing the plan's step, headroom and override).
     p.add_argument(
-        "--headroom", type=_non_negative, default=0.15, help="capacity above the forecast"
+        "--headroom",
+        type=_non_negative,
+        default=_RUN_DEFAULTS["headroom"],
+        help="capacity above the forecast",
     )
     p.add_argument(
         "--surprise",
         type=_non_negative,
-        default=1.25,
+        default=_RUN_DEFAULTS["surprise"],
         help="lt-ua's override: recent demand over the slot's upper forecast that starts "
         "engines at once",
     )
     p.add_argument(
         "--oracle",
-        type=_oracle_candidates,
-        default=ORACLES,
+        type=oracle_candidates,
+        default=_RUN_DEFAULTS["oracle"],
         help="the oracle's candidates as W:H pairs (a slot sized for its busiest W-minute "
         "mean of the true demand, with headroom H); the cheapest that keeps reactive's SLO "
         "is the oracle",
@@ -413,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     names = [n for n in a.policies.split(",") if n]
     # Every oracle candidate is replayed; the choice is made once reactive's SLO is known.
-    oracles_run = [_oracle_name(w, h) for w, h in run.oracle]
+    oracles_run = [oracle_name(c) for c in run.oracle]
     names = [x for n in names for x in (oracles_run if n == "oracle" else [n])]
     t_all = time.perf_counter()
     a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
+from benchmarks.planner_oracle import ORACLES
 from engines.cluster import EngineSpec, Job
 from engines.perf_model import PerfModel, SeqWork
 from gateway.core.request import RequestInfo
@@ -40,10 +41,13 @@ class Run:
     smooth_min: int = 1  # minutes of demand averaged into one forecast step
     # The oracle's candidates: (minutes of true demand a slot's peak is averaged over, its
     # headroom); the oracle is the cheapest that keeps reactive scaling's SLO attainment.
-    oracle: tuple[tuple[int, float], ...] = ((1, 0.2),)
-    surprise: float = 1.5  # lt-ua's override threshold over the slot's upper forecast
+    oracle: tuple[tuple[int, float], ...] = ORACLES
+    # Headroom (capacity planned above the forecast interactive demand) and lt-ua's override
+    # threshold over the slot's upper forecast: chosen with lt-ua on the seed-1 week
+    # (docs/PLANNER.md, choosing the plan's step, headroom and override).
+    surprise: float = 1.25
     time_limit_s: float = 2.0  # per solve; the best plan found by then is kept
-    headroom: float = 0.2  # capacity planned above the forecast interactive demand
+    headroom: float = 0.15
 
 
 # The setting ------------------------------------------------------------------------------

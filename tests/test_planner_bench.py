@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks.planner import _oracle_candidates, pick_oracle
+from benchmarks.planner_oracle import oracle_candidates, pick_oracle
 from benchmarks.planner_report import _latency, _plan_variants
 
 
@@ -48,10 +48,10 @@ def test_without_a_candidate_at_reactive_slo_the_best_served_is_the_oracle() -> 
 
 
 def test_oracle_candidates_parse_and_refuse_bad_pairs() -> None:
-    assert _oracle_candidates("2:0.18,1:0.06") == ((2, 0.18), (1, 0.06))
+    assert oracle_candidates("2:0.18,1:0.06") == ((2, 0.18), (1, 0.06))
     for bad in ("2", "0:0.1", "1:-0.1", "1:nan", "x:0.1", "1:inf", ""):
         with pytest.raises(argparse.ArgumentTypeError, match="W:H"):
-            _oracle_candidates(bad)
+            oracle_candidates(bad)
 
 
 def test_a_tuning_run_is_compared_with_reactive_scaling_of_its_own_week() -> None:
